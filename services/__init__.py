@@ -1,0 +1,1 @@
+"""Ray Serve applications: OpenAI-compatible serving of trained checkpoints."""

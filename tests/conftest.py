@@ -1,0 +1,25 @@
+"""Shared fixtures: a tiny model and tokenizer built in-process (no network, no hub)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random tiny Llama with its BPE tokenizer, saved like any transformers model."""
+    from trainers.models import build_model
+
+    return build_model("tiny", tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from trainers.models import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)

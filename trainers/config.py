@@ -1,0 +1,123 @@
+"""Typed config of the training side: model, data, PEFT and optimisation settings.
+
+Each dataclass field carries its help text in `metadata["help"]`; `cluster.config`
+turns YAML into these classes, checks types and calls `validate()`, which raises
+`ConfigError` naming the offending key (relative to its section).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from trainers.errors import ConfigError
+
+
+def opt(default, help: str, **kw):
+    """A dataclass field with help text (the only way fields are declared here)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    path: str = opt("", "Directory of a transformers model (safetensors weights and tokenizer).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "Weights dtype while training: auto = bfloat16 on GPU, float32 on CPU.")
+    trust_remote_code: bool = opt(False, "Allow the model directory's own Python code to run. Off unless you trust it.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt(
+        "sdpa", "Attention kernel passed to transformers.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+
+    def validate(self, section: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{section}.path", "is required (a local model directory)")
+
+
+@dataclass
+class DataSource:
+    path: str = opt("", "A .jsonl/.json/.csv/.parquet file or a saved `datasets` directory.")
+    format: str = opt("auto", "Row format (auto-detected by default); see `rayft data check --help`.")
+    weight: float = opt(1.0, "Relative sampling weight when several sources are mixed.")
+    domain: Optional[str] = opt(None, "Domain tag for these rows (overrides a `domain` field).")
+
+    def validate(self, section: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{section}.path", "is required")
+        if self.weight <= 0:
+            raise ConfigError(f"{section}.weight", f"must be > 0, got {self.weight}")
+
+
+@dataclass
+class DataConfig:
+    train: list[DataSource] = opt([], "Training sources: a list of {path, format, weight, domain} (a bare path is allowed).")
+    eval: list[DataSource] = opt([], "Explicit eval sources; when empty, `eval_fraction` of train is held out.")
+    eval_fraction: float = opt(0.1, "Share of training rows held out for eval when `eval` is empty.")
+    max_length: int = opt(512, "Maximum tokens per sample (or per packed sequence).")
+    truncation_side: Literal["right", "left"] = opt("right", "Which end of an over-long sample is cut.")
+    packing: bool = opt(False, "Pack several samples into each sequence without cross-sample attention.")
+    chat_template: Optional[str] = opt(None, "Jinja chat template overriding the tokenizer's own.")
+    skip_bad_rows: bool = opt(False, "Skip malformed rows (their count is reported) instead of stopping.")
+    seed: int = opt(0, "Seed of the train/eval split and of mixing.")
+
+    def validate(self, section: str) -> None:
+        if not self.train:
+            raise ConfigError(f"{section}.train", "needs at least one source")
+        for name in ("train", "eval"):
+            for i, src in enumerate(getattr(self, name)):
+                src.validate(f"{section}.{name}[{i}]")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"{section}.eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        if self.max_length < 8:
+            raise ConfigError(f"{section}.max_length", f"must be >= 8, got {self.max_length}")
+
+
+@dataclass
+class PeftConfig:
+    method: Literal["none", "lora"] = opt("none", "Parameter-efficient method; none = full fine-tuning.")
+    r: int = opt(8, "LoRA rank.")
+    alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = opt(0.0, "Dropout on the LoRA input.")
+    target_modules: list[str] = opt(["all-linear"], "Module names to adapt, or ['all-linear'].")
+
+    def validate(self, section: str) -> None:
+        if self.method != "none" and self.r < 1:
+            raise ConfigError(f"{section}.r", f"must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{section}.dropout", f"must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError(f"{section}.target_modules", "must name at least one module or 'all-linear'")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = opt(1.0, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = opt(0, "Optimizer steps to run; 0 = derive from epochs.")
+    batch_size: int = opt(8, "Micro-batch size per worker.")
+    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
+    lr: float = opt(2e-4, "Peak learning rate.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas.")
+    scheduler: Literal["cosine", "linear", "constant"] = opt("cosine", "Learning-rate schedule after warmup.")
+    warmup_ratio: float = opt(0.03, "Share of steps spent warming the lr up linearly from 0.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this; 0 disables clipping.")
+    seed: int = opt(0, "Seed for model init of new heads, dropout and data order.")
+    log_every: int = opt(1, "Log metrics every N optimizer steps.")
+    eval_every: int = opt(0, "Evaluate every N steps; 0 = only at the end.")
+    save_every: int = opt(0, "Checkpoint every N steps; 0 = only at the end.")
+    keep_checkpoints: int = opt(2, "Resumable checkpoints to keep (the newest).")
+    eval_batches: int = opt(0, "Cap on eval micro-batches per evaluation; 0 = the whole eval split.")
+
+    def validate(self, section: str) -> None:
+        for key in ("batch_size", "grad_accum", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{section}.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ConfigError(f"{section}.epochs", "must be > 0 when max_steps is 0")
+        if self.lr <= 0:
+            raise ConfigError(f"{section}.lr", f"must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"{section}.betas", "must be two numbers")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"{section}.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
