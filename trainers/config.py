@@ -13,11 +13,14 @@ from typing import Literal, Optional
 from trainers.errors import ConfigError
 
 
-def opt(default, help: str, **kw):
-    """A dataclass field with help text (the only way fields are declared here)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+def opt(default, help: str):
+    """A dataclass field with help text. A list default is copied per instance; a class
+    default (a nested config section) is instantiated per instance."""
+    if isinstance(default, type):
+        return field(default_factory=default, metadata={"help": help})
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass

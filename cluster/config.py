@@ -1,0 +1,193 @@
+"""The job config: composes each part's typed config, loads YAML, applies `key.sub=value`
+overrides and validates. An unknown key, a wrong type or a bad value raises
+`ConfigError` naming the full key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from trainers.config import DataConfig, ModelConfig, PeftConfig, TrainConfig, opt
+from trainers.errors import ConfigError, UserError
+
+METHODS = ("sft",)
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = opt(None, "Ray cluster to join ('auto' or ray://host:port); empty = start an embedded local cluster.")
+    num_workers: int = opt(2, "Ray Train workers (one process each; one GPU each on GPU machines).")
+    cpus_per_worker: float = opt(1.0, "CPUs reserved per training worker.")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where workers train: auto = cuda when the cluster has GPUs.")
+    strategy: Literal["ddp"] = opt("ddp", "Distributed strategy (gloo DDP on CPU, NCCL DDP on GPU).")
+    max_failures: int = opt(0, "Worker-group restarts allowed; each resumes from the last complete checkpoint.")
+
+    def validate(self, section: str) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"{section}.num_workers", f"must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"{section}.cpus_per_worker", "must be > 0")
+
+
+@dataclass
+class JobConfig:
+    method: Literal["sft"] = opt("sft", "Training method.")
+    name: str = opt("", "Run name; the run directory is output_dir/name (default: the config file's stem).")
+    output_dir: str = opt("runs", "Parent directory of run directories.")
+    model: ModelConfig = opt(ModelConfig, "The model to start from.")
+    data: DataConfig = opt(DataConfig, "Training and eval data.")
+    peft: PeftConfig = opt(PeftConfig, "Parameter-efficient fine-tuning.")
+    train: TrainConfig = opt(TrainConfig, "Optimisation and schedule.")
+    cluster: ClusterConfig = opt(ClusterConfig, "Ray cluster and distributed strategy.")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def validate(self, section: str = "") -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value) and hasattr(value, "validate"):
+                value.validate(f.name)
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ConfigError("name", f"must be a plain directory name, got '{self.name}'")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), default_name: str = "") -> JobConfig:
+    """YAML file (optional) + `key.sub=value` overrides -> a validated JobConfig."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path}: invalid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: the top level must be a mapping of config keys")
+        default_name = default_name or p.stem
+    for item in overrides:
+        apply_override(data, item)
+    data.setdefault("name", default_name)
+    config = from_dict(JobConfig, data)
+    config.validate()
+    return config
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (2 -> int, [a, b] -> list)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"override '{item}' must look like key.sub=value")
+    node, parts = data, key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(key, f"'{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def from_dict(cls, data: Any, prefix: str = ""):
+    """Build dataclass `cls` from plain data, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(prefix or cls.__name__, f"expected a mapping, got {_kind(data)}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(_join(prefix, unknown[0]), f"unknown key (valid keys: {', '.join(sorted(names))})")
+    kwargs = {name: _coerce(hints[name], value, _join(prefix, name)) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+
+
+def field_help(cls) -> list[tuple[str, str, Any]]:
+    """(key, help, default) for every leaf key, for `rayft train --help-config`."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        hint = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += [(f"{f.name}.{k}", h, d) for k, h, d in field_help(hint)]
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((f.name, f.metadata.get("help", ""), default))
+    return rows
+
+
+def _coerce(hint, value, key: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(key, f"must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is list:
+        (item,) = args
+        if dataclasses.is_dataclass(item) and not isinstance(value, list):
+            value = [value]  # a single source may be written without the list
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {_kind(value)}")
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, str) and "path" in {f.name for f in dataclasses.fields(hint)}:
+            value = {"path": value}  # a bare path stands for {path: ...}
+        return from_dict(hint, value, key)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            value = _yaml_number(value)  # YAML 1.1 reads `2e-4` (no dot) as a string
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    if hint is Any:
+        return value
+    raise ConfigError(key, f"unsupported config type {hint}")
+
+
+def _yaml_number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _kind(value) -> str:
+    return type(value).__name__ if value is not None else "nothing"

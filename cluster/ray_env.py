@@ -1,0 +1,44 @@
+"""Connecting to Ray: an embedded local cluster by default, or an existing one
+(`cluster.address` / `--address`, or Ray's own RAY_ADDRESS)."""
+
+from __future__ import annotations
+
+import os
+
+# Set before Ray starts so every worker process inherits them.
+_WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def ensure_ray(address: str | None = None, num_cpus: float | None = None, verbose: bool = False):
+    """Start (or join) Ray once per process; returns the cluster's resources."""
+    import ray
+
+    for key, value in _WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+    if not os.environ.get("CUDA_VISIBLE_DEVICES") and _no_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        kwargs = dict(log_to_driver=verbose or bool(os.environ.get("RAYFT_VERBOSE")),
+                      configure_logging=True, logging_level="WARNING")
+        env = {"env_vars": {k: os.environ[k] for k in (*_WORKER_ENV, "DS_ACCELERATOR") if k in os.environ}}
+        if address:
+            ray.init(address=address, runtime_env=env, **kwargs)
+        else:
+            cpus = max(os.cpu_count() or 1, int(num_cpus or 0))
+            ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, **kwargs)
+    return ray.cluster_resources()
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _no_cuda() -> bool:
+    try:
+        import torch
+        return not torch.cuda.is_available()
+    except ImportError:
+        return True

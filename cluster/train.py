@@ -1,0 +1,116 @@
+"""`rayft train`: the driver side of a training run. Prepares the run directory and data
+(so bad input fails here, before any worker starts), launches the method's Ray Train
+loop, follows its progress, then writes summary.json and report.html."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import time
+from pathlib import Path
+
+from cluster.config import JobConfig, dump_yaml
+from cluster.progress import MetricsProgress
+from cluster.ray_env import cluster_has_gpus, ensure_ray
+from cluster.report import write_report
+from trainers.batching import plan_steps
+from trainers.data import build_datasets
+from trainers.errors import UserError
+from trainers.metrics import read_metrics
+from trainers.models import load_tokenizer
+
+# method -> (worker entry point, data purpose)
+METHODS = {"sft": ("trainers.sft:sft_worker", "sft")}
+
+
+def run_training(config: JobConfig, echo=print) -> dict:
+    """Run `config` to completion on Ray; returns the summary written to summary.json."""
+    entry, purpose = METHODS[config.method]
+    run_dir = config.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code, config.data.chat_template)
+    datasets = build_datasets(config.data, tokenizer, purpose=purpose)
+    _echo_data(datasets.stats, echo)
+    plan = plan_steps(len(datasets.train), config.train.batch_size, config.train.grad_accum,
+                      config.cluster.num_workers, config.train.epochs, config.train.max_steps)
+    dump_yaml(config, run_dir / "config.yaml")
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cluster = config.cluster
+    ensure_ray(cluster.address, num_cpus=cluster.num_workers * cluster.cpus_per_worker)
+    use_gpu = cluster.device == "cuda" or (cluster.device == "auto" and cluster_has_gpus())
+    trainer = TorchTrainer(
+        _resolve(entry),
+        train_loop_config={"job": config, "datasets": ray.put(datasets), "use_gpu": use_gpu},
+        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cluster.cpus_per_worker}),
+        run_config=RunConfig(name="checkpoints", storage_path=str(run_dir),
+                             failure_config=FailureConfig(max_failures=cluster.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints)),
+    )
+    echo(f"training {config.method} on {cluster.num_workers} worker(s), {plan.total_steps} steps -> {run_dir}")
+    started = time.time()
+    with MetricsProgress(run_dir / "metrics.jsonl", plan.total_steps, desc=config.name):
+        result = _fit(trainer)
+    summary = summarise(config, run_dir, time.time() - started, datasets.stats, plan.total_steps)
+    summary["checkpoint"] = str(result.checkpoint.path) if result.checkpoint else None
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_report(run_dir, summary)
+    return summary
+
+
+def summarise(config: JobConfig, run_dir: Path, wall_s: float, data_stats: dict, total_steps: int) -> dict:
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    start = next((r for r in rows if r.get("event") == "start"), {})
+    steps = [r for r in rows if "event" not in r]
+    evals = [r["eval_loss"] for r in steps if _finite(r.get("eval_loss"))]
+    tokens = [r["tokens_per_s"] for r in steps if "tokens_per_s" in r]
+    train_tokens = data_stats.get("train_tokens", 0)
+    samples = total_steps * config.train.batch_size * config.train.grad_accum * config.cluster.num_workers
+    return {
+        "name": config.name, "method": config.method, "steps": steps[-1]["step"] if steps else 0,
+        "final_loss": steps[-1].get("loss") if steps else None,
+        "first_eval_loss": evals[0] if evals else None, "final_eval_loss": evals[-1] if evals else None,
+        "wall_time_s": round(wall_s, 2), "tokens_per_s": round(sum(tokens) / len(tokens), 1) if tokens else None,
+        "samples_per_s": round(samples / max(wall_s, 1e-9), 2), "train_samples": data_stats.get("train_samples"),
+        "train_tokens_per_epoch": train_tokens, "trainable_params": start.get("trainable_params"),
+        "total_params": start.get("total_params"), "num_workers": config.cluster.num_workers,
+        "peft": config.peft.method, "final_dir": str(run_dir / "final"),
+    }
+
+
+def _fit(trainer):
+    """trainer.fit(), with a worker's UserError surfaced as the UserError it was."""
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    try:
+        return trainer.fit()
+    except WorkerGroupError as exc:
+        for failure in exc.worker_failures.values():
+            cause = failure
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__
+            if isinstance(cause, UserError):
+                raise cause from None
+        raise
+
+
+def _echo_data(stats: dict, echo) -> None:
+    for src in stats.get("sources", []):
+        skipped = f", {src['skipped']} bad rows skipped" if src.get("skipped") else ""
+        echo(f"data: {src['path']} [{src['format']}] {src['rows']} rows{skipped}")
+    echo(f"data: {stats.get('train_samples')} train / {stats.get('eval_samples')} eval samples, "
+         f"{stats.get('truncated', 0)} truncated")
+
+
+def _resolve(entry: str):
+    module, _, name = entry.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

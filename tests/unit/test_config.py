@@ -1,0 +1,72 @@
+"""Config loading: YAML + overrides, type checks and errors that name the key."""
+
+import pytest
+
+from cluster.config import JobConfig, dump_yaml, field_help, load_config
+from trainers.errors import ConfigError, UserError
+
+BASE = ["model.path=/m", "data.train=d.jsonl"]
+
+
+def test_yaml_and_overrides(tmp_path):
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text("model: {path: /m}\ndata:\n  train: [a.jsonl, {path: b.jsonl, weight: 2}]\n"
+                        "train: {lr: 2e-4}\n")
+    cfg = load_config(cfg_file, ["train.batch_size=4", "peft.method=lora", "peft.target_modules=[q_proj, v_proj]"])
+    assert cfg.name == "job"  # from the file's stem
+    assert cfg.train.lr == pytest.approx(2e-4)  # YAML 1.1 reads 2e-4 as a string; we accept it
+    assert cfg.train.batch_size == 4
+    assert [s.path for s in cfg.data.train] == ["a.jsonl", "b.jsonl"]
+    assert cfg.data.train[1].weight == 2.0
+    assert cfg.peft.target_modules == ["q_proj", "v_proj"]
+    assert cfg.run_dir.name == "job"
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("train.lrr=1", "train.lrr", "unknown key"),
+    ("bogus=1", "bogus", "unknown key"),
+    ("train.lr=fast", "train.lr", "expected a number"),
+    ("train.batch_size=2.5", "train.batch_size", "expected an integer"),
+    ("peft.method=qlora9", "peft.method", "must be one of"),
+    ("data.packing=maybe", "data.packing", "expected true or false"),
+    ("cluster.num_workers=0", "cluster.num_workers", "must be >= 1"),
+    ("data.eval_fraction=1.5", "data.eval_fraction", "must be in [0, 1)"),
+    ("data.train=[{path: a, weight: 0}]", "data.train[0].weight", "must be > 0"),
+    ("train=3", "train", "expected a mapping"),
+])
+def test_errors_name_the_key(override, key, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, BASE + [override], default_name="x")
+    assert err.value.key == key
+    assert f"'{key}'" in str(err.value) and expected in str(err.value)
+
+
+def test_required_keys():
+    with pytest.raises(ConfigError, match="model.path"):
+        load_config(None, ["data.train=d.jsonl"], default_name="x")
+    with pytest.raises(ConfigError, match="data.train"):
+        load_config(None, ["model.path=/m"], default_name="x")
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(UserError, match="invalid YAML"):
+        load_config(bad)
+    with pytest.raises(UserError, match="key.sub=value"):
+        load_config(None, ["novalue"], default_name="x")
+
+
+def test_dump_round_trip(tmp_path):
+    cfg = load_config(None, BASE + ["train.lr=0.5", "data.packing=true"], default_name="x")
+    dump_yaml(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+
+
+def test_every_key_has_help():
+    rows = field_help(JobConfig)
+    assert {"train.lr", "data.max_length", "peft.r", "cluster.num_workers"} <= {k for k, _, _ in rows}
+    assert all(help_text for _, help_text, _ in rows)
