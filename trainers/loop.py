@@ -80,10 +80,10 @@ def run_token_loop(job, datasets, build_model: Callable[[], torch.nn.Module], lo
     batches = StepBatches(plan, worker.rank, job.data.seed + cfg.seed)
     tokens_seen, t_last = 0, time.perf_counter()
     for step in range(start, plan.total_steps):
-        micro = [collate([datasets.train[i] for i in ids], pad_id) for ids in batches.micro_batches(step)]
+        examples = [[datasets.train[i] for i in ids] for ids in batches.micro_batches(step)]
+        micro = [collate(group, pad_id) for group in examples]
         local_items = sum(int((b["labels"] != -100).sum()) for b in micro)
-        local_tokens = sum(int(b["attention_mask"].bool().sum()) if b["attention_mask"].dim() == 2
-                           else int((b["labels"] != -100).sum()) for b in micro)
+        local_tokens = sum(sum(ex.seq_lens) for group in examples for ex in group)
         (global_items,) = all_reduce_sum([local_items], worker.device)
         strategy.model.train()
         loss_sum = 0.0

@@ -1,0 +1,72 @@
+"""The CLI as a user runs it: real subprocesses, exit codes and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def rayft(*args, cwd=None, check=True):
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", *map(str, args)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rayft {args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("ws")
+    rayft("init-model", "--preset", "tiny", "--out", ws / "models/tiny")
+    rayft("data", "synth", "--task", "addition", "--n", "400", "--out", ws / "data/addition.jsonl")
+    return ws
+
+
+def test_help_on_every_command():
+    for args in (["--help"], ["train", "--help"], ["data", "check", "--help"], ["data", "synth", "--help"],
+                 ["init-model", "--help"]):
+        proc = rayft(*args)
+        assert "usage:" in proc.stdout and len(proc.stdout) > 200
+
+
+def test_data_check_human_and_json(workspace):
+    proc = rayft("data", "check", workspace / "data/addition.jsonl", "--tokenizer", workspace / "models/tiny",
+                 "--show", "1")
+    assert "chat" in proc.stdout and "400" in proc.stdout and "«" in proc.stdout
+    report = json.loads(rayft("data", "check", workspace / "data/addition.jsonl", "--json").stdout)
+    assert report["rows"] == 400 and report["format"] == "chat"
+
+
+def test_bad_data_row_exits_2_naming_file_line_field(workspace):
+    bad = workspace / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n'
+                   '{"instruction": "e"}\n')
+    proc = rayft("data", "check", bad, check=False)
+    assert proc.returncode == 2
+    assert "bad.jsonl:3" in proc.stderr and "output" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    ok = rayft("data", "check", bad, "--skip-bad-rows")
+    assert "1" in ok.stdout and "skipped" in ok.stdout
+
+
+def test_bad_config_exits_2_naming_key(workspace):
+    proc = rayft("train", ROOT / "examples/sft_lora.yaml", "train.lr=fast", cwd=workspace, check=False)
+    assert proc.returncode == 2 and "train.lr" in proc.stderr and "Traceback" not in proc.stderr
+    proc = rayft("train", ROOT / "examples/sft_lora.yaml", "train.learning_rate=1", cwd=workspace, check=False)
+    assert proc.returncode == 2 and "train.learning_rate" in proc.stderr
+
+
+def test_train_from_cli_writes_run_dir(workspace):
+    proc = rayft("train", ROOT / "examples/sft_lora.yaml", "name=cli", "train.max_steps=6",
+                 "train.eval_every=3", "train.save_every=3", "data.train=[data/addition.jsonl]", cwd=workspace)
+    run = workspace / "runs/cli"
+    assert f"run directory: runs/cli" in proc.stdout
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "report.html", "final/adapter_config.json"):
+        assert (run / name).exists(), name
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6

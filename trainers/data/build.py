@@ -1,0 +1,84 @@
+"""From a `DataConfig` to ready train and eval sets: load every source, hold out eval,
+tokenise, mix the sources by weight, pack, and count what happened (`stats`).
+
+For purpose "sft" the sets hold `Example`s. For the other purposes (preference, scored,
+classification, prompt) they hold the normalised records, split and mixed the same
+way: those trainers tokenise pairs and prompts their own way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trainers.config import DataConfig, DataSource
+from trainers.data.load import LoadResult, load_records
+from trainers.data.mixing import mix, split
+from trainers.data.packing import pack
+from trainers.data.records import IGNORE_INDEX, Example
+from trainers.data.render import encode
+from trainers.errors import UserError
+
+
+@dataclass
+class Datasets:
+    train: list  # Examples for sft, records otherwise
+    eval: list
+    stats: dict = field(default_factory=dict)
+
+
+def build_datasets(cfg: DataConfig, tokenizer, purpose: str = "sft") -> Datasets:
+    loaded = [_load(src, cfg, purpose) for src in cfg.train]
+    if cfg.eval:
+        train_parts = [r.records for r in loaded]
+        eval_loaded = [_load(src, cfg, purpose) for src in cfg.eval]
+        eval_records = [rec for r in eval_loaded for rec in r.records]
+    else:
+        parts = [split(r.records, cfg.eval_fraction, cfg.seed) for r in loaded]
+        train_parts = [train for train, _ in parts]
+        eval_records = [rec for _, held_out in parts for rec in held_out]
+        eval_loaded = []
+    stats = {"sources": [_source_stats(r) for r in loaded], "eval_sources": [_source_stats(r) for r in eval_loaded]}
+    weights = [src.weight for src in cfg.train]
+    if purpose != "sft":
+        train = mix(list(zip(train_parts, weights)), cfg.seed)
+        stats.update(train_samples=len(train), eval_samples=len(eval_records))
+        return Datasets(train, eval_records, stats)
+
+    counts = {"truncated": 0, "dropped_no_labels": 0}
+    train_groups = [(_encode_all(part, tokenizer, cfg, counts), w) for part, w in zip(train_parts, weights)]
+    if not any(group for group, _ in train_groups):
+        raise UserError("no training samples left: every one lost all its answer tokens to truncation "
+                        f"(max_length {cfg.max_length}, truncation_side {cfg.truncation_side})")
+    train = mix([(group, w) for group, w in train_groups if group], cfg.seed)
+    eval_examples = _encode_all(eval_records, tokenizer, cfg, counts)
+    stats.update(train_samples=len(train), eval_samples=len(eval_examples), **counts,
+                 train_tokens=sum(len(e.input_ids) for e in train),
+                 trained_tokens=sum(sum(label != IGNORE_INDEX for label in e.labels) for e in train))
+    if cfg.packing:
+        train, eval_examples = pack(train, cfg.max_length), pack(eval_examples, cfg.max_length)
+    stats.update(train_sequences=len(train), eval_sequences=len(eval_examples))
+    return Datasets(train, eval_examples, stats)
+
+
+def _load(src: DataSource, cfg: DataConfig, purpose: str) -> LoadResult:
+    return load_records(src.path, fmt=src.format, purpose=purpose, skip_bad_rows=cfg.skip_bad_rows,
+                        domain=src.domain)
+
+
+def _source_stats(result: LoadResult) -> dict:
+    return {"path": result.path, "format": result.format, "rows": len(result.records),
+            "skipped": result.skipped, "errors": result.errors}
+
+
+def _encode_all(records: list, tokenizer, cfg: DataConfig, counts: dict) -> list[Example]:
+    """Encoded records; ones left with no trained token (cut away by truncation) are
+    dropped and counted, since a batch of them has no loss to take."""
+    examples = []
+    for record in records:
+        example = encode(record, tokenizer, cfg.max_length, cfg.truncation_side, chat_template=cfg.chat_template)
+        counts["truncated"] += example.truncated
+        if all(label == IGNORE_INDEX for label in example.labels):
+            counts["dropped_no_labels"] += 1
+            continue
+        examples.append(example)
+    return examples

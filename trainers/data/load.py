@@ -1,0 +1,75 @@
+"""Loading one data file into normalised records.
+
+`load_records` owns the file-level policy: the format is detected from the first valid
+row and then every row is parsed as that format; a malformed row stops the load with a
+`DataError` naming file, line and field, unless the user asked to skip bad rows (then
+they are counted, and the first few messages kept for the report).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from trainers.data.fields import RowError
+from trainers.data.formats import check_purpose, detect_format, get_format, parse_row
+from trainers.data.readers import iter_rows
+from trainers.data.records import Record
+from trainers.errors import DataError, UserError
+
+MAX_ERRORS = 5  # skipped-row messages kept for the report; the count covers the rest
+
+
+@dataclass
+class LoadResult:
+    path: str
+    format: str
+    records: list[Record]
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)  # the first few skipped rows' messages
+
+
+def load_records(path: str | Path, fmt: str = "auto", purpose: str = "sft",
+                 skip_bad_rows: bool = False, domain: Optional[str] = None) -> LoadResult:
+    """Read and normalise every row of `path` for `purpose`; `domain` overrides the rows' own."""
+    if fmt != "auto":
+        fmt = get_format(fmt).name
+        check_purpose(fmt, purpose)
+    result = LoadResult(str(path), fmt, [])
+    rows = 0
+    for line, row in iter_rows(path):
+        rows += 1
+        try:
+            record = _parse(result, row, line, purpose)
+        except DataError as e:
+            if not skip_bad_rows:
+                raise
+            result.skipped += 1
+            if len(result.errors) < MAX_ERRORS:
+                result.errors.append(str(e))
+            continue
+        if domain is not None and hasattr(record, "domain"):
+            record.domain = domain
+        result.records.append(record)
+    if rows == 0:
+        raise UserError(f"{path}: no rows (the file is empty)")
+    if not result.records:
+        raise UserError(f"{path}: all {rows} rows are malformed; the first: {result.errors[0]}")
+    return result
+
+
+def _parse(result: LoadResult, row, line: int, purpose: str) -> Record:
+    """Parse one row, fixing `result.format` on the first row that parses."""
+    if isinstance(row, DataError):
+        raise row
+    fmt = result.format
+    if fmt == "auto":
+        try:
+            fmt = detect_format(row)
+        except RowError as e:
+            raise DataError(result.path, line, e.message, e.field) from None
+        check_purpose(fmt, purpose)
+    record = parse_row(fmt, row, result.path, line, purpose)
+    result.format = fmt
+    return record

@@ -1,0 +1,63 @@
+"""Learnable synthetic tasks: small chat datasets a tiny model can learn on CPU in minutes.
+
+`rayft data synth --task NAME --n N --out FILE` lands here. Each row is in chat format
+with the expected answer as `reference`, so the same file serves SFT (the assistant turn
+is the target) and RL (`exact_match(response, reference)` is the reward):
+
+    {"messages": [{"role": "user", "content": "What is 23 + 45?"},
+                  {"role": "assistant", "content": "68"}], "reference": "68"}
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+from typing import Callable
+
+from trainers.errors import UserError
+
+
+def addition(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"What is {a} + {b}?", str(a + b)
+
+
+def reverse(rng: random.Random) -> tuple[str, str]:
+    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
+    return f"Reverse: {word}", word[::-1]
+
+
+# name -> function drawing one (question, answer) pair from the generator
+TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {"addition": addition, "reverse": reverse}
+
+
+def synth_rows(task: str, n: int, seed: int = 0) -> list[dict]:
+    """`n` chat rows of `task`, the same for the same seed."""
+    if task not in TASKS:
+        raise UserError(f"unknown synthetic task '{task}'; choose one of {', '.join(TASKS)}")
+    if n < 1:
+        raise UserError(f"--n must be >= 1, got {n}")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        question, answer = TASKS[task](rng)
+        rows.append({"messages": [{"role": "user", "content": question},
+                                  {"role": "assistant", "content": answer}],
+                     "reference": answer})
+    return rows
+
+
+def write_synth(task: str, n: int, out_path: str | Path, seed: int = 0) -> Path:
+    """Write `synth_rows(task, n, seed)` as jsonl to `out_path` (parent folders created)."""
+    rows = synth_rows(task, n, seed)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return out
+
+
+def exact_match(response: str, reference: str) -> bool:
+    """True when the response is the reference, ignoring surrounding whitespace."""
+    return response.strip() == reference.strip()
