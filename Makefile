@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(RAYFT) init-model --preset tiny --out models/tiny
+	$(RAYFT) init-model --preset tiny --out models/tiny --pretrain-steps 200
 	$(RAYFT) data synth --task addition --n 2000 --out data/addition.jsonl
 	$(RAYFT) train examples/sft_lora.yaml name=demo output_dir=runs
 

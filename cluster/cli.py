@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", nargs="*", default=[], metavar="FILE",
                    help="extra text files (one sample per line) to train the tokenizer on")
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    p.add_argument("--pretrain-steps", type=int, default=0, metavar="N",
+                   help="briefly pre-train on the corpus (N steps) so the model is a weak LM that "
+                        "LoRA and other adapters can fine-tune like a real base model")
     p.set_defaults(func=cmd_init_model)
 
     data = sub.add_parser("data", help="inspect and generate training data",
@@ -82,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_init_model(args) -> int:
     from trainers.models import build_model
 
-    out = build_model(args.preset, args.out, args.corpus, seed=args.seed)
+    out = build_model(args.preset, args.out, args.corpus, seed=args.seed, pretrain_steps=args.pretrain_steps)
     print(f"model written to {out}")
     return 0
 

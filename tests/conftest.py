@@ -23,3 +23,12 @@ def tiny_tokenizer(tiny_model_dir):
     from trainers.models import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory):
+    """The tiny model briefly pre-trained on the built-in corpus: a weak but real LM, as
+    adapter methods (LoRA & co.) expect their frozen base to be."""
+    from trainers.models import build_model
+
+    return build_model("tiny", tmp_path_factory.mktemp("models") / "tiny-base", pretrain_steps=150)

@@ -80,8 +80,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, chat_template: str = 
     return fast
 
 
-def build_model(preset: str, out_dir: str | Path, corpus_files: list[str] | None = None, seed: int = 0) -> Path:
-    """Create a random-initialised Llama-style model and its tokenizer in `out_dir`."""
+def build_model(preset: str, out_dir: str | Path, corpus_files: list[str] | None = None, seed: int = 0,
+                pretrain_steps: int = 0) -> Path:
+    """Create a Llama-style model and its tokenizer in `out_dir`: random weights, or with
+    `pretrain_steps` > 0 briefly trained on the corpus so it is a (weak) language model
+    that parameter-efficient methods can adapt, as they would a real base model."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -102,6 +105,8 @@ def build_model(preset: str, out_dir: str | Path, corpus_files: list[str] | None
                          pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if pretrain_steps > 0:
+        pretrain(model, tokenizer, texts, pretrain_steps, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
@@ -109,6 +114,32 @@ def build_model(preset: str, out_dir: str | Path, corpus_files: list[str] | None
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def pretrain(model, tokenizer, texts: list[str], steps: int, seed: int = 0,
+             seq_len: int = 128, batch_size: int = 16, lr: float = 2e-3) -> float:
+    """Next-token training on `texts` packed into `seq_len` windows; returns the last loss."""
+    import torch
+
+    ids = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    windows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for step in range(steps):
+        batch = windows[torch.randint(len(windows), (batch_size,), generator=gen)]
+        for group in optimizer.param_groups:  # linear decay keeps the last steps gentle
+            group["lr"] = lr * (1 - step / steps)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return float(loss)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -29,10 +29,10 @@ def _assert_run_dir(run_dir):
     assert "data:image/png;base64" in (run_dir / "report.html").read_text()
 
 
-def test_sft_lora_learns_and_reloads_in_peft(ray_cluster, tiny_model_dir, tiny_tokenizer, addition_data, tmp_path):
+def test_sft_lora_learns_and_reloads_in_peft(ray_cluster, tiny_base_dir, tiny_tokenizer, addition_data, tmp_path):
     from peft import AutoPeftModelForCausalLM, PeftModel
 
-    cfg = _config(tmp_path, tiny_model_dir, addition_data, "lora", "peft.method=lora", "peft.r=16",
+    cfg = _config(tmp_path, tiny_base_dir, addition_data, "lora", "peft.method=lora", "peft.r=16",
                   "peft.alpha=32", "train.lr=3e-3")
     summary = run_training(cfg, echo=lambda *_: None)
     _assert_run_dir(cfg.run_dir)
