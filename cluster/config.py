@@ -108,6 +108,19 @@ def from_dict(cls, data: Any, prefix: str = ""):
     return cls(**kwargs)
 
 
+def with_absolute_paths(config: JobConfig) -> JobConfig:
+    """A copy whose paths are absolute: Ray workers do not share the driver's cwd."""
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve()) if path else path
+
+    config = from_dict(JobConfig, to_dict(config))
+    config.output_dir = absolute(config.output_dir)
+    config.model.path = absolute(config.model.path)
+    for source in (*config.data.train, *config.data.eval):
+        source.path = absolute(source.path)
+    return config
+
+
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 

@@ -10,7 +10,7 @@ import math
 import time
 from pathlib import Path
 
-from cluster.config import JobConfig, dump_yaml
+from cluster.config import JobConfig, dump_yaml, with_absolute_paths
 from cluster.progress import MetricsProgress
 from cluster.ray_env import cluster_has_gpus, ensure_ray
 from cluster.report import write_report
@@ -27,6 +27,7 @@ METHODS = {"sft": ("trainers.sft:sft_worker", "sft")}
 def run_training(config: JobConfig, echo=print) -> dict:
     """Run `config` to completion on Ray; returns the summary written to summary.json."""
     entry, purpose = METHODS[config.method]
+    config = with_absolute_paths(config)
     run_dir = config.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code, config.data.chat_template)
