@@ -139,7 +139,7 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, seed: int = 0,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
-    return float(loss)
+    return loss.item()
 
 
 def count_parameters(model) -> tuple[int, int]:
