@@ -14,11 +14,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from trainers.config import DataConfig, ModelConfig, PeftConfig, TrainConfig, opt
+from trainers.config import DataConfig, FreezeConfig, ModelConfig, PeftConfig, TrainConfig, opt
 from trainers.errors import ConfigError, UserError
-
-METHODS = ("sft",)
-
 
 @dataclass
 class ClusterConfig:
@@ -26,7 +23,11 @@ class ClusterConfig:
     num_workers: int = opt(2, "Ray Train workers (one process each; one GPU each on GPU machines).")
     cpus_per_worker: float = opt(1.0, "CPUs reserved per training worker.")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where workers train: auto = cuda when the cluster has GPUs.")
-    strategy: Literal["ddp"] = opt("ddp", "Distributed strategy (gloo DDP on CPU, NCCL DDP on GPU).")
+    strategy: Literal["ddp", "zero1", "zero2", "zero3"] = opt(
+        "ddp", "ddp: full replica per worker (gloo on CPU, NCCL on GPU); zero1/2/3: DeepSpeed ZeRO "
+               "sharding optimizer state / + gradients / + parameters.")
+    offload_optimizer: bool = opt(False, "ZeRO: keep optimizer state in CPU memory.")
+    offload_params: bool = opt(False, "ZeRO-3: keep parameters in CPU memory.")
     max_failures: int = opt(0, "Worker-group restarts allowed; each resumes from the last complete checkpoint.")
 
     def validate(self, section: str) -> None:
@@ -34,16 +35,23 @@ class ClusterConfig:
             raise ConfigError(f"{section}.num_workers", f"must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"{section}.cpus_per_worker", "must be > 0")
+        if self.offload_optimizer and self.strategy == "ddp":
+            raise ConfigError(f"{section}.offload_optimizer", "needs a ZeRO strategy (zero1, zero2 or zero3)")
+        if self.offload_params and self.strategy != "zero3":
+            raise ConfigError(f"{section}.offload_params", "needs strategy zero3")
 
 
 @dataclass
 class JobConfig:
-    method: Literal["sft"] = opt("sft", "Training method.")
+    method: Literal["sft", "cpt", "classification"] = opt(
+        "sft", "sft: loss on assistant turns (or every token of raw text); cpt: continued pre-training "
+               "on raw text; classification: a sequence-classification head on text/label data.")
     name: str = opt("", "Run name; the run directory is output_dir/name (default: the config file's stem).")
     output_dir: str = opt("runs", "Parent directory of run directories.")
     model: ModelConfig = opt(ModelConfig, "The model to start from.")
     data: DataConfig = opt(DataConfig, "Training and eval data.")
     peft: PeftConfig = opt(PeftConfig, "Parameter-efficient fine-tuning.")
+    freeze: FreezeConfig = opt(FreezeConfig, "Partial fine-tuning: which layers or modules train.")
     train: TrainConfig = opt(TrainConfig, "Optimisation and schedule.")
     cluster: ClusterConfig = opt(ClusterConfig, "Ray cluster and distributed strategy.")
 

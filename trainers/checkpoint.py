@@ -16,42 +16,40 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 
 
 def save_checkpoint(directory: Path, strategy, step: int, rank: int, extra: dict | None = None) -> None:
-    """Each rank writes its RNG; rank 0 also writes weights, optimizer and step."""
+    """Every rank writes its RNG and its part of the strategy state; rank 0 writes the
+    step and, last, the COMPLETE marker."""
     directory.mkdir(parents=True, exist_ok=True)
+    strategy.save_state(directory, rank)
     torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
-    if rank != 0:
-        return
-    save_file(strategy.trainable_state(), str(directory / "trainable.safetensors"))
-    torch.save(strategy.optimizer_state(), directory / "optimizer.pt")
-    (directory / STATE_FILE).write_text(json.dumps({"step": step, **(extra or {})}))
-    (directory / MARKER).write_text("ok")
+    if rank == 0:
+        (directory / STATE_FILE).write_text(json.dumps({"step": step, **(extra or {})}))
+        (directory / MARKER).write_text("ok")
 
 
 def load_checkpoint(directory: Path, strategy, rank: int) -> dict:
-    """Restore weights, optimizer, scheduler and this rank's RNG; returns the saved state."""
+    """Restore the strategy state and this rank's RNG; returns the saved trainer state."""
     directory = Path(directory)
     if not (directory / MARKER).exists():
         raise RuntimeError(f"{directory}: checkpoint is incomplete (no {MARKER} marker)")
-    strategy.load_trainable_state(load_file(str(directory / "trainable.safetensors")))
-    strategy.load_optimizer_state(torch.load(directory / "optimizer.pt", weights_only=True))
+    strategy.load_state(directory, rank)
     rng_file = directory / f"rng_rank{rank}.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((directory / STATE_FILE).read_text())
 
 
-def save_final(run_dir: Path, model, tokenizer) -> Path:
-    """Write the loadable model (full weights, or the peft adapter) atomically to final/."""
+def save_final(run_dir: Path, model, tokenizer, state_dict: dict | None = None) -> Path:
+    """Write the loadable model (full weights, or the peft adapter) atomically to final/.
+    `state_dict` overrides the module's own tensors (consolidated ZeRO-3 shards)."""
     final, tmp = run_dir / "final", run_dir / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(tmp))
     if final.exists():
         shutil.rmtree(final)

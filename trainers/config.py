@@ -56,6 +56,8 @@ class DataSource:
 class DataConfig:
     train: list[DataSource] = opt([], "Training sources: a list of {path, format, weight, domain} (a bare path is allowed).")
     eval: list[DataSource] = opt([], "Explicit eval sources; when empty, `eval_fraction` of train is held out.")
+    replay: list[DataSource] = opt([], "Earlier-task data replayed during training (continual learning).")
+    replay_ratio: float = opt(0.0, "Share of each training epoch drawn from `replay` sources (0 <= r < 1).")
     eval_fraction: float = opt(0.1, "Share of training rows held out for eval when `eval` is empty.")
     max_length: int = opt(512, "Maximum tokens per sample (or per packed sequence).")
     truncation_side: Literal["right", "left"] = opt("right", "Which end of an over-long sample is cut.")
@@ -70,6 +72,12 @@ class DataConfig:
         for name in ("train", "eval"):
             for i, src in enumerate(getattr(self, name)):
                 src.validate(f"{section}.{name}[{i}]")
+        for i, src in enumerate(self.replay):
+            src.validate(f"{section}.replay[{i}]")
+        if not 0.0 <= self.replay_ratio < 1.0:
+            raise ConfigError(f"{section}.replay_ratio", f"must be in [0, 1), got {self.replay_ratio}")
+        if bool(self.replay) != (self.replay_ratio > 0):
+            raise ConfigError(f"{section}.replay_ratio", "set both `replay` sources and a ratio > 0, or neither")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"{section}.eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         if self.max_length < 8:
@@ -94,6 +102,26 @@ class PeftConfig:
 
 
 @dataclass
+class FreezeConfig:
+    mode: Literal["none", "last_layers", "first_layers", "modules", "gradual"] = opt(
+        "none", "Partial fine-tuning: none = everything the PEFT setting trains; last_layers / "
+                "first_layers = only N transformer blocks; modules = only the named modules; gradual = "
+                "start with the top `layers` blocks, unfreeze one more block every `unfreeze_every` steps.")
+    layers: int = opt(1, "N transformer blocks for last_layers, first_layers and the start of gradual.")
+    modules: list[str] = opt([], "Module names (or dotted-name suffixes such as lm_head) that train; "
+                                 "for mode modules the only ones, otherwise in addition to the blocks.")
+    unfreeze_every: int = opt(0, "Gradual unfreezing: steps between unfreezing the next block down.")
+
+    def validate(self, section: str) -> None:
+        if self.mode in ("last_layers", "first_layers", "gradual") and self.layers < 0:
+            raise ConfigError(f"{section}.layers", f"must be >= 0, got {self.layers}")
+        if self.mode == "modules" and not self.modules:
+            raise ConfigError(f"{section}.modules", "must name at least one module for mode modules")
+        if self.mode == "gradual" and self.unfreeze_every < 1:
+            raise ConfigError(f"{section}.unfreeze_every", "must be >= 1 for mode gradual")
+
+
+@dataclass
 class TrainConfig:
     epochs: float = opt(1.0, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = opt(0, "Optimizer steps to run; 0 = derive from epochs.")
@@ -111,6 +139,12 @@ class TrainConfig:
     save_every: int = opt(0, "Checkpoint every N steps; 0 = only at the end.")
     keep_checkpoints: int = opt(2, "Resumable checkpoints to keep (the newest).")
     eval_batches: int = opt(0, "Cap on eval micro-batches per evaluation; 0 = the whole eval split.")
+    early_stopping_patience: int = opt(
+        0, "Stop after this many evaluations without improvement of the method's eval metric "
+           "(eval_loss; eval_accuracy for classification); final/ is then the best model. 0 = off.")
+    resume: Literal["auto", "never"] = opt(
+        "auto", "auto: re-running on an existing run directory resumes from its last complete "
+                "checkpoint; never: refuse to reuse a run directory that has checkpoints.")
 
     def validate(self, section: str) -> None:
         for key in ("batch_size", "grad_accum", "log_every"):
@@ -122,5 +156,7 @@ class TrainConfig:
             raise ConfigError(f"{section}.lr", f"must be > 0, got {self.lr}")
         if len(self.betas) != 2:
             raise ConfigError(f"{section}.betas", "must be two numbers")
+        if self.early_stopping_patience and not self.eval_every:
+            raise ConfigError(f"{section}.eval_every", "must be > 0 when early_stopping_patience is set")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"{section}.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")

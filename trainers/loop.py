@@ -1,34 +1,29 @@
-"""The supervised training loop every token-loss method shares, run inside each Ray Train
-worker: restore, step through the planned batches with gradient accumulation, log, evaluate,
-checkpoint through `ray.train.report`, and save `final/`.
+"""The training loop every supervised method shares, run inside each Ray Train worker:
+restore, step through the planned batches with gradient accumulation, log, evaluate,
+stop early, checkpoint through `ray.train.report`, and save `final/`.
 
-A method supplies a `loss_fn(model, batch) -> (summed loss, number of loss items)`; the
-loop normalises by the number of loss items in the whole optimizer step across all
+The method (`trainers.method.Method`) supplies the model, collation and loss. The loop
+normalises each step's loss by the number of loss items in the whole step across all
 workers, so micro-batch size, accumulation and worker count do not change the update.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import ray.train
 import torch
 
 from trainers.batching import StepBatches, plan_steps, shard
 from trainers.checkpoint import load_checkpoint, save_checkpoint, save_final
-from trainers.data import collate
 from trainers.metrics import MetricsLog
-from trainers.models import load_tokenizer
-from trainers.optim import build_optimizer, build_scheduler
 from trainers.setup import describe_trainable
-from trainers.strategy import DDPStrategy, all_reduce_sum
-
-LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
+from trainers.strategy import all_reduce_sum, build_strategy
 
 
 @dataclass
@@ -39,8 +34,9 @@ class Worker:
 
     @classmethod
     def current(cls) -> "Worker":
-        ctx = ray.train.get_context()
         import ray.train.torch as rtt
+
+        ctx = ray.train.get_context()
         return cls(ctx.get_world_rank(), ctx.get_world_size(), rtt.get_device())
 
     @property
@@ -48,103 +44,160 @@ class Worker:
         return self.rank == 0
 
 
+@dataclass
+class Progress:
+    """Loop state that a checkpoint carries besides weights and optimizer."""
+    step: int = 0
+    best_metric: float | None = None
+    best_step: int = 0
+    bad_evals: int = 0
+    stopped_early: bool = False
+
+    def improved(self, value: float, higher_is_better: bool) -> bool:
+        if self.best_metric is None or not math.isfinite(self.best_metric):
+            return math.isfinite(value)
+        return value > self.best_metric if higher_is_better else value < self.best_metric
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Hooks:
+    """Optional per-step callbacks, e.g. gradual unfreezing: `before_step(step, model)`
+    returns True when it changed which parameters train."""
+    before_step: list = field(default_factory=list)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
 
-def run_token_loop(job, datasets, build_model: Callable[[], torch.nn.Module], loss_fn: LossFn) -> None:
-    """Train `build_model()` on `datasets.train` with `loss_fn`; see the module docstring."""
-    worker = Worker.current()
-    seed_everything(job.train.seed)
-    model = build_model().to(worker.device)
-    cfg = job.train
+def run_loop(job, datasets, method, hooks: Hooks | None = None) -> None:
+    """Train `method.build_model()` on `datasets.train`; see the module docstring."""
+    hooks = hooks or Hooks()
+    worker, cfg, run_dir = Worker.current(), job.train, Path(job.run_dir)
+    seed_everything(cfg.seed)
+    model = method.build_model().to(worker.device)
     plan = plan_steps(len(datasets.train), cfg.batch_size, cfg.grad_accum, worker.world_size,
                       cfg.epochs, cfg.max_steps)
-    optimizer = build_optimizer(model, cfg)
-    strategy = DDPStrategy(model, optimizer, build_scheduler(optimizer, cfg, plan.total_steps), cfg.max_grad_norm)
-    tokenizer = load_tokenizer(job.model.path, job.model.trust_remote_code, job.data.chat_template)
-    pad_id = tokenizer.pad_token_id
-    run_dir = Path(job.run_dir)
-
-    start = _restore(strategy, worker)
-    # Per-rank RNG streams differ (dropout) but are reproducible for the seed.
-    if start == 0:
-        seed_everything(cfg.seed * 1000 + worker.rank)
-    log = MetricsLog(run_dir / "metrics.jsonl", worker.is_main, resume_step=start)
-    if worker.is_main and start == 0:
+    strategy = build_strategy(job.cluster.strategy, model, cfg, plan.total_steps, worker.world_size,
+                              offload_optimizer=job.cluster.offload_optimizer,
+                              offload_params=job.cluster.offload_params)
+    progress = _restore(strategy, worker)
+    if progress.step == 0:
+        seed_everything(cfg.seed * 1000 + worker.rank)  # per-rank dropout streams, reproducible
+    log = MetricsLog(run_dir / "metrics.jsonl", worker.is_main, resume_step=progress.step)
+    if progress.step == 0:
         log.write({"step": 0, "event": "start", "total_steps": plan.total_steps, **describe_trainable(model)})
-    if start == 0:  # the baseline every later eval is compared with
-        log.write({"step": 0, "eval_loss": evaluate(strategy.model, datasets.eval, loss_fn, worker, cfg, pad_id)})
+        log.write({"step": 0, **evaluate(strategy.model, datasets.eval, method, worker, cfg)})
 
     batches = StepBatches(plan, worker.rank, job.data.seed + cfg.seed)
-    tokens_seen, t_last = 0, time.perf_counter()
-    for step in range(start, plan.total_steps):
-        examples = [[datasets.train[i] for i in ids] for ids in batches.micro_batches(step)]
-        micro = [collate(group, pad_id) for group in examples]
-        local_items = sum(int((b["labels"] != -100).sum()) for b in micro)
-        local_tokens = sum(sum(ex.seq_lens) for group in examples for ex in group)
-        (global_items,) = all_reduce_sum([local_items], worker.device)
-        strategy.model.train()
-        loss_sum = 0.0
-        for j, batch in enumerate(micro):
-            batch = {k: v.to(worker.device) for k, v in batch.items()}
-            with strategy.accumulating(more_to_come=j < len(micro) - 1):
-                summed, _ = loss_fn(strategy.model, batch)
-                # DDP averages gradients over workers; scale so the result is the mean
-                # over every loss item of the step, wherever it was computed.
-                strategy.backward(summed * worker.world_size / max(global_items, 1))
-            loss_sum += float(summed.detach())
-        lr = strategy.lr
-        grad_norm = strategy.step()
-        total_loss, total_tokens = all_reduce_sum([loss_sum, local_tokens], worker.device)
-        tokens_seen += total_tokens
-        done = step + 1
-        row = {"step": done, "loss": total_loss / max(global_items, 1), "lr": lr, "grad_norm": grad_norm}
+    tokens, t_last = 0, time.perf_counter()
+    for step in range(progress.step, plan.total_steps):
+        if progress.stopped_early:
+            break
+        if any([hook(step, strategy.module) for hook in hooks.before_step]):
+            strategy.refresh_trainable()
+        row, step_tokens = _train_step(strategy, method, datasets.train, batches.micro_batches(step), worker)
+        tokens += step_tokens
+        progress.step = done = step + 1
+        row = {"step": done, **row}
         last = done == plan.total_steps
         if (cfg.eval_every and done % cfg.eval_every == 0) or last:
-            row["eval_loss"] = evaluate(strategy.model, datasets.eval, loss_fn, worker, cfg, pad_id)
-        if done % cfg.log_every == 0 or last or "eval_loss" in row:
+            row.update(evaluate(strategy.model, datasets.eval, method, worker, cfg))
+            _track_best(progress, row, method, cfg, strategy, run_dir, worker)
+        if done % cfg.log_every == 0 or last or method.metric in row:
             now = time.perf_counter()
-            row["tokens_per_s"] = tokens_seen / max(now - t_last, 1e-9)
-            tokens_seen, t_last = 0, now
+            row["tokens_per_s"], tokens, t_last = tokens / max(now - t_last, 1e-9), 0, now
             log.write(row)
-        if (cfg.save_every and done % cfg.save_every == 0) or last:
-            _report_checkpoint(strategy, worker, done, row)
-    if worker.is_main:
-        save_final(run_dir, strategy.module, tokenizer)
+        if (cfg.save_every and done % cfg.save_every == 0) or last or progress.stopped_early:
+            _report_checkpoint(strategy, worker, progress, row)
+    if progress.stopped_early and worker.is_main:
+        log.write({"step": progress.step, "event": "early_stop", "best_step": progress.best_step,
+                   f"best_{method.metric}": progress.best_metric})
+    if not cfg.early_stopping_patience:
+        _save_final(strategy, method, run_dir, worker)
+
+
+def _train_step(strategy, method, examples, micro_ids, worker) -> tuple[dict, int]:
+    groups = [[examples[i] for i in ids] for ids in micro_ids]
+    micro = [method.collate(group) for group in groups]
+    local_items = sum(method.count_items(b) for b in micro)
+    (global_items,) = all_reduce_sum([local_items], worker.device)
+    strategy.model.train()
+    loss_sum = 0.0
+    for j, batch in enumerate(micro):
+        batch = {k: v.to(worker.device) for k, v in batch.items()}
+        with strategy.accumulating(more_to_come=j < len(micro) - 1):
+            summed, _ = method.loss(strategy.model, batch)
+            # Gradients are averaged over workers; scale so the update is the mean over
+            # every loss item of the step, wherever it was computed.
+            strategy.backward(summed * worker.world_size / max(global_items, 1))
+        loss_sum += float(summed.detach())
+    lr = strategy.lr
+    grad_norm = strategy.step()
+    total_loss, total_tokens = all_reduce_sum([loss_sum, sum(method.count_tokens(g) for g in groups)],
+                                              worker.device)
+    return {"loss": total_loss / max(global_items, 1), "lr": lr, "grad_norm": grad_norm}, int(total_tokens)
 
 
 @torch.no_grad()
-def evaluate(model, examples, loss_fn: LossFn, worker: Worker, cfg, pad_id: int) -> float:
-    """Mean loss per loss item over the eval split, each worker taking a strided shard."""
+def evaluate(model, examples, method, worker: Worker, cfg) -> dict[str, float]:
+    """Method metrics over the eval split, each worker taking a strided shard. Every worker
+    runs the same number of batches (sharded strategies gather weights collectively)."""
     if not examples:
-        return float("nan")
+        return {}
     model.eval()
     ids = shard(len(examples), worker.rank, worker.world_size)
+    longest = math.ceil(len(examples) / worker.world_size)
+    n_batches = math.ceil(longest / cfg.batch_size)
     if cfg.eval_batches:
-        ids = ids[: cfg.eval_batches * cfg.batch_size]
-    loss, items = 0.0, 0.0
-    for i in range(0, len(ids), cfg.batch_size):
-        batch = collate([examples[k] for k in ids[i:i + cfg.batch_size]], pad_id)
-        summed, count = loss_fn(model, {k: v.to(worker.device) for k, v in batch.items()})
-        loss, items = loss + float(summed), items + float(count)
-    loss, items = all_reduce_sum([loss, items], worker.device)
-    return loss / max(items, 1.0)
+        n_batches = min(n_batches, cfg.eval_batches)
+    totals: dict[str, float] = {}
+    for b in range(n_batches):
+        chunk = ids[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        batch = method.collate([examples[k] for k in (chunk or [0])])
+        sums = method.eval_sums(model, {k: v.to(worker.device) for k, v in batch.items()})
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + (value if chunk else 0.0)  # a stand-in batch counts nothing
+    keys = sorted(totals)
+    reduced = dict(zip(keys, all_reduce_sum([totals[k] for k in keys], worker.device)))
+    return method.finish_eval(reduced)
 
 
-def _restore(strategy, worker: Worker) -> int:
+def _track_best(progress: Progress, row: dict, method, cfg, strategy, run_dir: Path, worker: Worker) -> None:
+    """With early stopping on, final/ always holds the best model seen so far."""
+    if not cfg.early_stopping_patience or method.metric not in row:
+        return
+    value = row[method.metric]
+    if progress.improved(value, method.higher_is_better):
+        progress.best_metric, progress.best_step, progress.bad_evals = value, progress.step, 0
+        _save_final(strategy, method, run_dir, worker)
+    else:
+        progress.bad_evals += 1
+        progress.stopped_early = progress.bad_evals >= cfg.early_stopping_patience
+
+
+def _save_final(strategy, method, run_dir: Path, worker: Worker) -> None:
+    state = strategy.full_state_dict()  # collective under ZeRO-3: every rank calls it
+    if worker.is_main:
+        save_final(run_dir, strategy.module, method.tokenizer, state_dict=state)
+
+
+def _restore(strategy, worker: Worker) -> Progress:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return Progress()
     with checkpoint.as_directory() as directory:
         state = load_checkpoint(Path(directory), strategy, worker.rank)
-    return int(state["step"])
+    return Progress(**{k: v for k, v in state.items() if k in Progress.__dataclass_fields__})
 
 
-def _report_checkpoint(strategy, worker: Worker, step: int, metrics: dict) -> None:
+def _report_checkpoint(strategy, worker: Worker, progress: Progress, metrics: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="rayft-ckpt-") as tmp:
-        save_checkpoint(Path(tmp), strategy, step, worker.rank)
-        ray.train.report({"step": step, **{k: v for k, v in metrics.items() if k != "step"}},
+        save_checkpoint(Path(tmp), strategy, progress.step, worker.rank, extra=progress.as_dict())
+        ray.train.report({k: v for k, v in metrics.items() if k != "step"} | {"step": progress.step},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"step_{step:08d}")
+                         checkpoint_dir_name=f"step_{progress.step:08d}")

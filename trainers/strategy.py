@@ -1,13 +1,29 @@
 """Distributed strategies: how a worker wraps its model, accumulates gradients, steps the
-optimizer and exposes state for checkpoints. DDP (gloo on CPU, NCCL on GPU) lives here;
-every method's loop talks to a strategy only through this interface."""
+optimizer and saves or restores its state. Every method's loop talks to a strategy only
+through this interface; `build_strategy` picks DDP or DeepSpeed ZeRO from the config."""
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+
+def build_strategy(name: str, model, train_cfg, total_steps: int, world_size: int, *,
+                   offload_optimizer: bool = False, offload_params: bool = False):
+    from trainers.optim import build_optimizer, build_scheduler
+
+    optimizer = build_optimizer(model, train_cfg)
+    scheduler = build_scheduler(optimizer, train_cfg, total_steps)
+    if name == "ddp":
+        return DDPStrategy(model, optimizer, scheduler, train_cfg.max_grad_norm)
+    from trainers.zero import ZeroStrategy  # DeepSpeed is imported only when asked for
+
+    return ZeroStrategy(model, optimizer, scheduler, train_cfg, world_size, stage=int(name[-1]),
+                        offload_optimizer=offload_optimizer, offload_params=offload_params)
 
 
 class DDPStrategy:
@@ -17,11 +33,17 @@ class DDPStrategy:
         self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.max_grad_norm = max_grad_norm
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        if self.world_size > 1:
-            device_ids = [model.device.index] if model.device.type == "cuda" else None
-            self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        else:
-            self.model = model
+        self.model = self._wrap()
+
+    def _wrap(self):
+        if self.world_size == 1:
+            return self.module
+        device_ids = [self.module.device.index] if self.module.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(self.module, device_ids=device_ids)
+
+    def refresh_trainable(self) -> None:
+        """Re-wrap after parameters changed `requires_grad` (DDP fixes its set at wrap time)."""
+        self.model = self._wrap()
 
     def accumulating(self, more_to_come: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of a step."""
@@ -34,11 +56,9 @@ class DDPStrategy:
 
     def step(self) -> float:
         """Clip, step optimizer and schedule, clear grads; returns the pre-clip grad norm."""
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        if self.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        params = [p for p in self.module.parameters() if p.requires_grad and p.grad is not None]
+        limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, limit) if params else torch.tensor(0.0)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -48,23 +68,30 @@ class DDPStrategy:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Only the trained tensors: the frozen base is reloaded from the model directory."""
+    def save_state(self, directory: Path, rank: int) -> None:
+        """Rank 0 writes the trained tensors (the frozen base is reloaded from the model
+        directory) and the optimizer and scheduler state."""
+        if rank != 0:
+            return
         names = {n for n, p in self.module.named_parameters() if p.requires_grad}
-        return {n: t.detach().cpu().contiguous() for n, t in self.module.state_dict().items() if n in names}
+        state = {n: t.detach().cpu().contiguous() for n, t in self.module.state_dict().items() if n in names}
+        save_file(state, str(directory / "trainable.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   directory / "optimizer.pt")
 
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state(self, directory: Path, rank: int) -> None:
+        state = load_file(str(directory / "trainable.safetensors"))
         missing = [n for n, p in self.module.named_parameters() if p.requires_grad and n not in state]
         if missing:
-            raise RuntimeError(f"checkpoint lacks trained tensors, e.g. {missing[:3]}")
+            raise RuntimeError(f"{directory}: checkpoint lacks trained tensors, e.g. {missing[:3]}")
         self.module.load_state_dict(state, strict=False)
+        opt = torch.load(directory / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
 
-    def optimizer_state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-
-    def load_optimizer_state(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+    def full_state_dict(self) -> dict | None:
+        """The whole model's weights for final/ (a collective for sharded strategies)."""
+        return None  # the module itself holds them
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:
