@@ -21,7 +21,11 @@ from trainers.metrics import read_metrics
 from trainers.models import load_tokenizer
 
 # method -> (worker entry point, data purpose)
-METHODS = {"sft": ("trainers.sft:sft_worker", "sft")}
+METHODS = {
+    "sft": ("trainers.sft:sft_worker", "sft"),
+    "cpt": ("trainers.sft:sft_worker", "sft"),
+    "classification": ("trainers.classify:classification_worker", "classification"),
+}
 
 
 def run_training(config: JobConfig, echo=print) -> dict:
@@ -32,7 +36,9 @@ def run_training(config: JobConfig, echo=print) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code, config.data.chat_template)
     datasets = build_datasets(config.data, tokenizer, purpose=purpose)
+    _prepare(config, datasets, tokenizer)
     _echo_data(datasets.stats, echo)
+    _check_resume(config, run_dir, echo)
     plan = plan_steps(len(datasets.train), config.train.batch_size, config.train.grad_accum,
                       config.cluster.num_workers, config.train.epochs, config.train.max_steps)
     dump_yaml(config, run_dir / "config.yaml")
@@ -82,6 +88,29 @@ def summarise(config: JobConfig, run_dir: Path, wall_s: float, data_stats: dict,
         "total_params": start.get("total_params"), "num_workers": config.cluster.num_workers,
         "peft": config.peft.method, "final_dir": str(run_dir / "final"),
     }
+
+
+def _prepare(config: JobConfig, datasets, tokenizer) -> None:
+    """Method-specific checks and encoding that must fail on the driver, not in a worker."""
+    if config.method == "cpt":
+        not_raw = [s["path"] for s in datasets.stats["sources"] if s["format"] != "text"]
+        if not_raw:
+            raise UserError(f"method cpt trains on raw text ('text' rows); {not_raw[0]} is not raw text "
+                            "(use method sft for instruction or chat data)")
+    elif config.method == "classification":
+        from trainers.classify import prepare_classification
+
+        prepare_classification(datasets, tokenizer, config.data)
+
+
+def _check_resume(config: JobConfig, run_dir: Path, echo) -> None:
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*/COMPLETE"))
+    if not checkpoints:
+        return
+    if config.train.resume == "never":
+        raise UserError(f"{run_dir} already has checkpoints; choose another name, remove it, "
+                        "or set train.resume=auto to continue it")
+    echo(f"resuming from {checkpoints[-1].parent.name} in {run_dir}")
 
 
 def _fit(trainer):

@@ -89,7 +89,9 @@ def run_loop(job, datasets, method, hooks: Hooks | None = None) -> None:
     if progress.step == 0:
         seed_everything(cfg.seed * 1000 + worker.rank)  # per-rank dropout streams, reproducible
     log = MetricsLog(run_dir / "metrics.jsonl", worker.is_main, resume_step=progress.step)
-    if progress.step == 0:
+    if progress.step > 0:
+        log.write({"step": progress.step, "event": "resume"})
+    else:
         log.write({"step": 0, "event": "start", "total_steps": plan.total_steps, **describe_trainable(model)})
         log.write({"step": 0, **evaluate(strategy.model, datasets.eval, method, worker, cfg)})
 

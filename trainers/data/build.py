@@ -39,8 +39,13 @@ def build_datasets(cfg: DataConfig, tokenizer, purpose: str = "sft") -> Datasets
         eval_loaded = []
     stats = {"sources": [_source_stats(r) for r in loaded], "eval_sources": [_source_stats(r) for r in eval_loaded]}
     weights = [src.weight for src in cfg.train]
+    replay_loaded = [_load(src, cfg, purpose) for src in cfg.replay]
+    stats["replay_sources"] = [_source_stats(r) for r in replay_loaded]
+    replay_parts = [r.records for r in replay_loaded]
+    replay_weights = [src.weight for src in cfg.replay]
     if purpose != "sft":
-        train = mix(list(zip(train_parts, weights)), cfg.seed)
+        train = _mix_with_replay(list(zip(train_parts, weights)), list(zip(replay_parts, replay_weights)),
+                                 cfg.replay_ratio, cfg.seed)
         stats.update(train_samples=len(train), eval_samples=len(eval_records))
         return Datasets(train, eval_records, stats)
 
@@ -49,7 +54,9 @@ def build_datasets(cfg: DataConfig, tokenizer, purpose: str = "sft") -> Datasets
     if not any(group for group, _ in train_groups):
         raise UserError("no training samples left: every one lost all its answer tokens to truncation "
                         f"(max_length {cfg.max_length}, truncation_side {cfg.truncation_side})")
-    train = mix([(group, w) for group, w in train_groups if group], cfg.seed)
+    replay_groups = [(_encode_all(part, tokenizer, cfg, counts), w) for part, w in zip(replay_parts, replay_weights)]
+    train = _mix_with_replay([(g, w) for g, w in train_groups if g], [(g, w) for g, w in replay_groups if g],
+                             cfg.replay_ratio, cfg.seed)
     eval_examples = _encode_all(eval_records, tokenizer, cfg, counts)
     stats.update(train_samples=len(train), eval_samples=len(eval_examples), **counts,
                  train_tokens=sum(len(e.input_ids) for e in train),
@@ -58,6 +65,18 @@ def build_datasets(cfg: DataConfig, tokenizer, purpose: str = "sft") -> Datasets
         train, eval_examples = pack(train, cfg.max_length), pack(eval_examples, cfg.max_length)
     stats.update(train_sequences=len(train), eval_sequences=len(eval_examples))
     return Datasets(train, eval_examples, stats)
+
+
+def _mix_with_replay(groups: list, replay: list, ratio: float, seed: int) -> list:
+    """Mix the training groups by weight; with replay, the replay groups make up `ratio`
+    of the result and the training groups keep all their rows (the epoch grows)."""
+    if not replay or ratio <= 0:
+        return mix(groups, seed)
+    main_total = sum(len(items) for items, _ in groups)
+    main_weight, replay_weight = sum(w for _, w in groups), sum(w for _, w in replay)
+    weighted = ([(items, w / main_weight * (1 - ratio)) for items, w in groups]
+                + [(items, w / replay_weight * ratio) for items, w in replay])
+    return mix(weighted, seed, total=round(main_total / (1 - ratio)))
 
 
 def _load(src: DataSource, cfg: DataConfig, purpose: str) -> LoadResult:

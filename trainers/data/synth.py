@@ -29,8 +29,24 @@ def reverse(rng: random.Random) -> tuple[str, str]:
     return f"Reverse: {word}", word[::-1]
 
 
+_FILLER = "the a movie film story plot actor scene music ending it was and very quite really".split()
+_SENTIMENT = {"positive": "great wonderful loved excellent superb delightful".split(),
+              "negative": "awful terrible hated boring dreadful poor".split()}
+
+
+def sentiment(rng: random.Random) -> tuple[str, str]:
+    """A short review whose one sentiment word decides the label (text/label rows)."""
+    label = rng.choice(sorted(_SENTIMENT))
+    words = [rng.choice(_FILLER) for _ in range(rng.randint(4, 9))]
+    words.insert(rng.randint(0, len(words)), rng.choice(_SENTIMENT[label]))
+    return " ".join(words), label
+
+
 # name -> function drawing one (question, answer) pair from the generator
-TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {"addition": addition, "reverse": reverse}
+TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "addition": addition, "reverse": reverse, "sentiment": sentiment}
+# Tasks whose pairs are (text, label) classification rows rather than chat turns.
+CLASSIFICATION_TASKS = {"sentiment"}
 
 
 def synth_rows(task: str, n: int, seed: int = 0) -> list[dict]:
@@ -43,6 +59,9 @@ def synth_rows(task: str, n: int, seed: int = 0) -> list[dict]:
     rows = []
     for _ in range(n):
         question, answer = TASKS[task](rng)
+        if task in CLASSIFICATION_TASKS:
+            rows.append({"text": question, "label": answer})
+            continue
         rows.append({"messages": [{"role": "user", "content": question},
                                   {"role": "assistant", "content": answer}],
                      "reference": answer})

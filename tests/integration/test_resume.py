@@ -1,0 +1,99 @@
+"""Exact resume: a SIGKILLed training worker process is replaced and the run continues
+from the last complete checkpoint; re-running a finished config on its run directory
+continues it; gradient accumulation and worker count do not change the update."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cluster.config import load_config
+from cluster.train import run_training
+from trainers.errors import UserError
+
+
+def _config(tmp_path, model_dir, data, name, *extra):
+    return load_config(None, [
+        f"model.path={model_dir}", f"data.train=[{data}]", "data.max_length=48", f"output_dir={tmp_path}",
+        f"name={name}", "train.batch_size=8", "train.lr=1e-3", "train.eval_every=10", "train.eval_batches=2",
+        "cluster.num_workers=2", *extra])
+
+
+def _metrics(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_worker_pids():
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+
+
+def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_model_dir, addition_data, tmp_path):
+    steps = ["train.max_steps=40", "train.save_every=10", "cluster.max_failures=2"]
+    plain = _config(tmp_path, tiny_model_dir, addition_data, "plain", *steps)
+    run_training(plain, echo=lambda *_: None)
+
+    crash = _config(tmp_path, tiny_model_dir, addition_data, "crash", *steps)
+    killed = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if (crash.run_dir / "checkpoints" / "step_00000010" / "COMPLETE").exists():
+                pids = _train_worker_pids()
+                if len(pids) >= 2:
+                    os.kill(max(pids), signal.SIGKILL)  # a real process death, not an exception
+                    killed.append(max(pids))
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    summary = run_training(crash, echo=lambda *_: None)
+    killer.join(timeout=5)
+    assert killed, "no worker was killed"
+
+    rows = _metrics(crash.run_dir)
+    resumes = [r for r in rows if r.get("event") == "resume"]
+    assert resumes and resumes[0]["step"] in (10, 20, 30), resumes
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 41))  # one uninterrupted-looking log
+    assert summary["steps"] == 40
+    plain_rows = {r["step"]: r for r in _metrics(plain.run_dir) if "loss" in r}
+    crash_rows = {r["step"]: r for r in rows if "loss" in r}
+    assert crash_rows[40]["loss"] == pytest.approx(plain_rows[40]["loss"], rel=1e-3)
+    assert crash_rows[40]["eval_loss"] == pytest.approx(plain_rows[40]["eval_loss"], rel=1e-3)
+
+
+def test_rerun_continues_and_never_refuses(ray_cluster, tiny_model_dir, addition_data, tmp_path):
+    first = _config(tmp_path, tiny_model_dir, addition_data, "again", "train.max_steps=10", "train.save_every=5")
+    run_training(first, echo=lambda *_: None)
+    longer = _config(tmp_path, tiny_model_dir, addition_data, "again", "train.max_steps=20", "train.save_every=5")
+    summary = run_training(longer, echo=lambda *_: None)
+    assert summary["steps"] == 20
+    assert [r["step"] for r in _metrics(longer.run_dir) if r.get("event") == "resume"] == [10]
+    never = _config(tmp_path, tiny_model_dir, addition_data, "again", "train.max_steps=30", "train.resume=never")
+    with pytest.raises(UserError, match="already has checkpoints"):
+        run_training(never, echo=lambda *_: None)
+
+
+def test_accumulation_and_workers_do_not_change_the_update(ray_cluster, tiny_model_dir, addition_data, tmp_path):
+    common = ["train.max_steps=2", "train.warmup_ratio=0", "train.scheduler=constant", "train.max_grad_norm=0"]
+    layouts = {"mb8": ["train.batch_size=8", "train.grad_accum=1", "cluster.num_workers=1"],
+               "mb2ga4": ["train.batch_size=2", "train.grad_accum=4", "cluster.num_workers=1"],
+               "mb2ga2w2": ["train.batch_size=2", "train.grad_accum=2", "cluster.num_workers=2"]}
+    weights = {}
+    for name, layout in layouts.items():
+        cfg = _config(tmp_path, tiny_model_dir, addition_data, name, *common, *layout)
+        run_training(cfg, echo=lambda *_: None)
+        weights[name] = load_file(str(cfg.run_dir / "final" / "model.safetensors"))
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    key = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.allclose(weights["mb8"][key], base[key])
+    for name in ("mb2ga4", "mb2ga2w2"):
+        for k in weights["mb8"]:
+            assert torch.allclose(weights[name][k], weights["mb8"][k], atol=2e-6), (name, k)
