@@ -15,10 +15,11 @@ def build_optimizer(model: torch.nn.Module, train_cfg) -> torch.optim.Optimizer:
             continue
         # Biases and norm weights are not decayed (the usual transformer recipe).
         (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": train_cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train_cfg.lr,
-                             betas=tuple(train_cfg.betas))
+    groups = [g for g in ({"params": decay, "weight_decay": train_cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if train_cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train_cfg.lr)
+    return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=tuple(train_cfg.betas))
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:

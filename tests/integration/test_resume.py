@@ -45,7 +45,10 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_model_dir,
     def kill_after_first_checkpoint():
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
-            if (crash.run_dir / "checkpoints" / "step_00000010" / "COMPLETE").exists():
+            # Ray registers a checkpoint (records it in its snapshot) after every worker
+            # reported it; only then is it the one a restart resumes from.
+            snapshot = crash.run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
+            if snapshot.exists() and "step_00000010" in snapshot.read_text():
                 pids = _train_worker_pids()
                 if len(pids) >= 2:
                     os.kill(max(pids), signal.SIGKILL)  # a real process death, not an exception
@@ -82,7 +85,10 @@ def test_rerun_continues_and_never_refuses(ray_cluster, tiny_model_dir, addition
 
 
 def test_accumulation_and_workers_do_not_change_the_update(ray_cluster, tiny_model_dir, addition_data, tmp_path):
-    common = ["train.max_steps=2", "train.warmup_ratio=0", "train.scheduler=constant", "train.max_grad_norm=0"]
+    # SGD: the update is linear in the gradient, so any normalisation slip shows (Adam's
+    # first step is nearly sign(g) and would hide it).
+    common = ["train.max_steps=2", "train.warmup_ratio=0", "train.scheduler=constant", "train.max_grad_norm=0",
+              "train.optimizer=sgd", "train.lr=0.5"]
     layouts = {"mb8": ["train.batch_size=8", "train.grad_accum=1", "cluster.num_workers=1"],
                "mb2ga4": ["train.batch_size=2", "train.grad_accum=4", "cluster.num_workers=1"],
                "mb2ga2w2": ["train.batch_size=2", "train.grad_accum=2", "cluster.num_workers=2"]}
@@ -96,4 +102,4 @@ def test_accumulation_and_workers_do_not_change_the_update(ray_cluster, tiny_mod
     assert not torch.allclose(weights["mb8"][key], base[key])
     for name in ("mb2ga4", "mb2ga2w2"):
         for k in weights["mb8"]:
-            assert torch.allclose(weights[name][k], weights["mb8"][k], atol=2e-6), (name, k)
+            assert torch.allclose(weights[name][k], weights["mb8"][k], atol=1e-6), (name, k)
