@@ -78,8 +78,10 @@ def summarise(config: JobConfig, run_dir: Path, wall_s: float, data_stats: dict,
     tokens = [r["tokens_per_s"] for r in steps if "tokens_per_s" in r]
     train_tokens = data_stats.get("train_tokens", 0)
     samples = total_steps * config.train.batch_size * config.train.grad_accum * config.cluster.num_workers
+    stop = next((r for r in rows if r.get("event") == "early_stop"), None)
     return {
-        "name": config.name, "method": config.method, "steps": steps[-1]["step"] if steps else 0,
+        "name": config.name, "method": config.method,
+        "stopped_early": stop is not None, "best_step": stop["best_step"] if stop else None, "steps": steps[-1]["step"] if steps else 0,
         "final_loss": steps[-1].get("loss") if steps else None,
         "first_eval_loss": evals[0] if evals else None, "final_eval_loss": evals[-1] if evals else None,
         "wall_time_s": round(wall_s, 2), "tokens_per_s": round(sum(tokens) / len(tokens), 1) if tokens else None,
