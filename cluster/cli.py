@@ -19,6 +19,8 @@ EPILOG = textwrap.dedent("""\
       rayft data synth --task addition --n 2000 --out data/addition.jsonl
       rayft data check data/addition.jsonl --tokenizer models/tiny --show 2
       rayft train examples/sft_lora.yaml train.max_steps=50
+      rayft eval runs/sft-lora --data data/addition.jsonl
+      rayft export runs/sft-lora --out models/merged --merge-lora
     """)
 
 
@@ -79,6 +81,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score a run or model on a data file (loss, perplexity, exact match, F1)",
+                       description="Evaluate a run's final model (or a model / adapter directory) in this process, "
+                                   "on the GPU when there is one. Causal LMs get loss and perplexity on "
+                                   "conversations and raw text, and exact match of greedy generations on rows "
+                                   "with a 'reference' or 'answer'; classifiers get accuracy and macro-F1 on "
+                                   "text/label rows. See docs/eval.md.")
+    p.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="run directory (its final/ is used) or model directory")
+    p.add_argument("--data", required=True, metavar="FILE", help="data file (any format `rayft data check` reads)")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.add_argument("--max-length", type=int, metavar="N",
+                   help="tokens per row (default: the run's data.max_length, else 512)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="rows per forward pass")
+    p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N rows")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="generation length for exact match")
+    p.add_argument("--out", metavar="FILE", help="write one JSON line of results per row")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a standalone transformers model directory",
+                       description="Export a run's final model (or a model / adapter directory). With "
+                                   "--merge-lora an adapter (LoRA, DoRA, IA3) is merged into its base and saved "
+                                   "as a plain model; without it an adapter is copied as an adapter.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="run directory (its final/ is used) or model directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--merge-lora", action="store_true", help="merge the adapter into the base weights")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -133,6 +162,25 @@ def cmd_train(args) -> int:
     print(f"run directory: {run_dir}\nreport: {run_dir / 'report.html'}\nfinal model: {run_dir / 'final'}")
     if summary.get("final_eval_loss") is not None:
         print(f"eval loss: {summary['first_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from cluster.evaluate import EvalOptions, evaluate, format_report, to_json, write_samples
+
+    opts = EvalOptions(max_length=args.max_length, batch_size=args.batch_size, limit=args.limit,
+                       max_new_tokens=args.max_new_tokens)
+    report, samples = evaluate(args.target, args.data, opts)
+    if args.out:
+        report["samples_file"] = str(write_samples(args.out, samples))
+    print(to_json(report) if args.json else format_report(report))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from cluster.export import export
+
+    print(export(args.checkpoint, args.out, merge_lora=args.merge_lora, force=args.force))
     return 0
 
 

@@ -1,0 +1,76 @@
+"""`rayft export CHECKPOINT --out DIR [--merge-lora] [--force]`: write a standalone
+transformers model directory from a run or a model directory.
+
+- an adapter with `--merge-lora` (LoRA, DoRA, IA3): base + adapter merged by peft's
+  `merge_and_unload`, saved as a plain model (safetensors) with the tokenizer; it loads
+  with `AutoModelForCausalLM` (or `...ForSequenceClassification`) and no peft. Prefix and
+  prompt tuning add virtual tokens rather than weight deltas, so they cannot merge.
+- an adapter without `--merge-lora`: the adapter directory copied as it is.
+- a full model: loaded and saved again (safetensors, in the dtype it was saved in).
+
+The result is written to `DIR.tmp` and renamed into place, so DIR is never half-written;
+a non-empty DIR is only replaced with `--force`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from cluster.evaluate.target import CLASSIFIER, ModelDir, class_labels, inspect_model, load_model, saved_dtype
+from trainers.errors import UserError
+
+
+def export(checkpoint: str | Path, out: str | Path, merge_lora: bool = False, force: bool = False) -> str:
+    """Export `checkpoint` to `out`; returns one line saying what was written."""
+    md = inspect_model(checkpoint)
+    out = Path(out)
+    _check_destination(md, out, force)
+    if merge_lora and md.peft_type is not None and not md.mergeable:
+        raise UserError(f"{md.path}: a {md.peft_type.lower()} adapter adds virtual tokens instead of weight "
+                        "changes and cannot be merged; export it without --merge-lora (the adapter is copied)")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if md.peft_type is not None and not merge_lora:
+            shutil.copytree(md.path, tmp)
+            what = f"copied the {md.peft_type.lower()} adapter (base {md.base})"
+        else:
+            _save_standalone(md, tmp)
+            what = (f"merged the {md.peft_type.lower()} adapter into {md.base}" if md.peft_type
+                    else "saved the full model again" + (" (no adapter to merge)" if merge_lora else ""))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return f"{what}: {out}"
+
+
+def _check_destination(md: ModelDir, out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    sources = [md.path] + ([md.base] if md.base else [])
+    if out.exists() and any(out.resolve() == s.resolve() for s in sources):
+        raise UserError(f"{out}: is the model being exported; choose another --out")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out}: exists and is not empty (use --force to replace it)")
+
+
+def _save_standalone(md: ModelDir, directory: Path) -> None:
+    """The model with any adapter merged, saved in the dtype its weights came in."""
+    import torch
+
+    # Merge in float32 (a bf16 base + delta rounds twice), then store as the base was stored.
+    dtype = saved_dtype(md.base or md.path)
+    model, tokenizer = load_model(md, "float32", "cpu")
+    if md.peft_type is not None:
+        model = model.merge_and_unload()
+    if md.task == CLASSIFIER:
+        # The labels live with the adapter (or its config), not in the causal base it was trained on.
+        labels = class_labels(md)
+        model.config.id2label, model.config.label2id = labels, {v: k for k, v in labels.items()}
+    model.to(getattr(torch, dtype)).save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))

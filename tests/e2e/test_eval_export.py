@@ -1,0 +1,138 @@
+"""`rayft eval` and `rayft export` as a user runs them: real subprocesses on a tiny model
+from `init-model`, data from `data synth`, a LoRA run directory and a classifier."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def rayft(*args, cwd, check=True):
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, env=env, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rayft {args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rayft: error:"), proc.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """models/tiny, data/addition.jsonl and runs/lora (final/ = a LoRA adapter whose
+    lora_B is random, so the adapter changes the model, as a trained one would)."""
+    from peft import LoraConfig, get_peft_model
+
+    from trainers.models import load_causal_lm, load_tokenizer
+
+    ws = tmp_path_factory.mktemp("eval_ws")
+    rayft("init-model", "--preset", "tiny", "--out", ws / "models/tiny", cwd=ws)
+    rayft("data", "synth", "--task", "addition", "--n", "16", "--out", "data/addition.jsonl", cwd=ws)
+    model = get_peft_model(load_causal_lm(ws / "models/tiny"),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    final = ws / "runs/lora/final"
+    model.save_pretrained(final)
+    load_tokenizer(ws / "models/tiny").save_pretrained(final)
+    (ws / "runs/lora/config.yaml").write_text("name: lora\ndata:\n  max_length: 64\n")
+    return ws
+
+
+def eval_json(ws, target, *extra):
+    return json.loads(rayft("eval", target, "--data", "data/addition.jsonl", "--json", "--max-new-tokens", "4",
+                            *extra, cwd=ws).stdout)
+
+
+def test_eval_full_model(ws):
+    report = eval_json(ws, "models/tiny", "--out", "out/samples.jsonl", "--batch-size", "16")
+    assert report["task"] == "causal_lm" and report["samples"] == 16 and report["tokens"] > 0
+    assert report["loss"] > 0 and report["perplexity"] == pytest.approx(torch.tensor(report["loss"]).exp().item())
+    assert 0.0 <= report["exact_match"] <= 1.0 and report["exact_match_samples"] == 16
+    samples = [json.loads(line) for line in (ws / "out/samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 16
+    assert {"prompt", "reference", "generation", "correct", "loss"} <= samples[0].keys()
+
+
+def test_export_merge_lora_equals_adapter(ws):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainers.models import load_causal_lm
+
+    adapter = eval_json(ws, "runs/lora")  # a run directory: its final/ is evaluated
+    assert adapter["peft"] == "LORA" and adapter["max_length"] == 64  # taken from the run's config.yaml
+    out = rayft("export", "runs/lora", "--out", "exported/merged", "--merge-lora", cwd=ws).stdout
+    assert "merged the lora adapter" in out and not (ws / "exported/merged.tmp").exists()
+    merged_dir = ws / "exported/merged"
+    assert not (merged_dir / "adapter_config.json").exists()
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    peft_model = PeftModel.from_pretrained(load_causal_lm(ws / "models/tiny"), ws / "runs/lora/final").eval()
+    ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = peft_model(input_ids=ids).logits, merged(input_ids=ids).logits
+        base = load_causal_lm(ws / "models/tiny")(input_ids=ids).logits
+    assert not torch.allclose(expected, base, atol=1e-3)  # the adapter is not a no-op
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+    merged_report = eval_json(ws, "exported/merged", "--max-length", "64")
+    assert merged_report["peft"] is None
+    assert merged_report["loss"] == pytest.approx(adapter["loss"], abs=1e-4)
+    again = rayft("export", "runs/lora", "--out", "exported/merged", "--merge-lora", cwd=ws, check=False)
+    assert_one_line_error(again, "not empty", "--force")
+
+
+def test_missing_path_exits_2_with_one_line(ws):
+    assert_one_line_error(rayft("eval", "runs/nope", "--data", "data/addition.jsonl", cwd=ws, check=False),
+                          "runs/nope", "not found")
+    assert_one_line_error(rayft("export", "runs/nope", "--out", "x", cwd=ws, check=False), "runs/nope")
+
+
+def test_eval_classifier_accuracy_f1_and_unknown_label(ws):
+    from transformers import AutoConfig, LlamaForSequenceClassification
+
+    from trainers.models import load_tokenizer
+
+    labels = {0: "negative", 1: "positive"}
+    config = AutoConfig.from_pretrained(ws / "models/tiny", num_labels=2, id2label=labels,
+                                        label2id={v: k for k, v in labels.items()})
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(ws / "models/cls")
+    load_tokenizer(ws / "models/tiny").save_pretrained(ws / "models/cls")
+    rows = [("a great movie", "positive"), ("terrible, I hate it", "negative"), ("love it", "positive"),
+            ("bad", "negative"), ("fine", 1)]
+    (ws / "data/reviews.jsonl").write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
+    # The readable table this time (the causal LM tests read --json): `name  value` lines.
+    table = rayft("eval", "models/cls", "--data", "data/reviews.jsonl", cwd=ws).stdout
+    fields = dict(line.split("  ", 1) for line in table.splitlines())
+    assert fields["task"].strip() == "classifier" and "5 rows" in fields["data"]
+    for name in ("accuracy", "macro F1"):
+        assert 0.0 <= float(fields[name]) <= 1.0
+    assert {name for name in fields if name.startswith("F1 ")} <= {"F1 negative", "F1 positive"}
+
+    bad = [{"text": "ok", "label": "positive"}, {"text": "meh", "label": "neutral"}]
+    (ws / "data/bad_reviews.jsonl").write_text("".join(json.dumps(row) + "\n" for row in bad))
+    proc = rayft("eval", "models/cls", "--data", "data/bad_reviews.jsonl", cwd=ws, check=False)
+    assert_one_line_error(proc, "bad_reviews.jsonl:2", "'label'", "neutral")
+
+
+def test_help_for_eval_and_export():
+    for command in ("eval", "export"):
+        assert "usage:" in rayft(command, "--help", cwd=ROOT).stdout
