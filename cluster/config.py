@@ -66,6 +66,23 @@ class JobConfig:
                 value.validate(f.name)
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ConfigError("name", f"must be a plain directory name, got '{self.name}'")
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """Settings that are valid alone but not together."""
+        peft, strategy = self.peft.method, self.cluster.strategy
+        if peft in ("prefix", "prompt") and self.data.packing:
+            raise ConfigError("data.packing", f"cannot be used with peft.method {peft} "
+                                              "(virtual tokens need the 2D padding mask)")
+        if self.freeze.mode == "gradual" and strategy != "ddp":
+            raise ConfigError("freeze.mode", "gradual unfreezing changes trainable parameters mid-run "
+                                             "and needs cluster.strategy ddp")
+        if peft == "qlora" and strategy == "zero3":
+            raise ConfigError("cluster.strategy", "zero3 cannot shard QLoRA's 4-bit base weights; use ddp, zero1 or zero2")
+        if peft == "qlora" and self.cluster.device == "cpu":
+            raise ConfigError("cluster.device", "peft.method qlora needs cuda")
+        if peft == "qlora" and self.method == "classification":
+            raise ConfigError("peft.method", "qlora is not supported for method classification")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), default_name: str = "") -> JobConfig:

@@ -50,6 +50,9 @@ def save_final(run_dir: Path, model, tokenizer, state_dict: dict | None = None) 
     final, tmp = run_dir / "final", run_dir / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+    if getattr(getattr(model, "active_peft_config", None), "task_type", None) == "SEQ_CLS":
+        # peft saves a classification adapter without the label names; keep them beside it.
+        model.config.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     if final.exists():
         shutil.rmtree(final)

@@ -84,32 +84,80 @@ class DataConfig:
             raise ConfigError(f"{section}.max_length", f"must be >= 8, got {self.max_length}")
 
 
+LORA_METHODS = ("lora", "dora", "qlora")
+PROMPT_METHODS = ("prefix", "prompt")
+
+
 @dataclass
 class PeftConfig:
-    method: Literal["none", "lora"] = opt("none", "Parameter-efficient method; none = full fine-tuning.")
-    r: int = opt(8, "LoRA rank.")
+    method: Literal["none", "lora", "dora", "qlora", "prefix", "prompt", "ia3"] = opt(
+        "none", "Parameter-efficient method. none = full fine-tuning (see `freeze` for partial); lora; "
+                "dora = weight-decomposed LoRA; qlora = LoRA on a 4-bit NF4 base (CUDA + bitsandbytes); "
+                "prefix = trained key/value prefixes in every layer; prompt = trained virtual input "
+                "tokens; ia3 = learned scaling vectors.")
+    r: int = opt(8, "LoRA / DoRA / QLoRA rank.")
     alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / r).")
     dropout: float = opt(0.0, "Dropout on the LoRA input.")
-    target_modules: list[str] = opt(["all-linear"], "Module names to adapt, or ['all-linear'].")
+    target_modules: list[str] = opt(
+        ["all-linear"], "Module names to adapt, or ['all-linear'] (every linear layer but the output "
+                        "head). For ia3, ['all-linear'] means peft's per-architecture IA3 defaults "
+                        "(Llama: k_proj, v_proj, down_proj). Unused by prefix and prompt.")
+    feedforward_modules: list[str] = opt(
+        [], "ia3 only: which of target_modules are feed-forward layers (scaled on their input, not "
+            "output). Needs explicit target_modules; empty with ['all-linear'] = peft's defaults.")
+    num_virtual_tokens: int = opt(16, "prefix / prompt: number of virtual tokens trained.")
+    modules_to_save: list[str] = opt(
+        [], "Extra modules trained in full and saved with the adapter, e.g. [lm_head] or [embed_tokens].")
 
     def validate(self, section: str) -> None:
-        if self.method != "none" and self.r < 1:
+        if self.method in LORA_METHODS and self.r < 1:
             raise ConfigError(f"{section}.r", f"must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{section}.dropout", f"must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
             raise ConfigError(f"{section}.target_modules", "must name at least one module or 'all-linear'")
+        if self.method in PROMPT_METHODS and self.num_virtual_tokens < 1:
+            raise ConfigError(f"{section}.num_virtual_tokens", f"must be >= 1, got {self.num_virtual_tokens}")
+        if self.feedforward_modules:
+            if self.method != "ia3":
+                raise ConfigError(f"{section}.feedforward_modules", "applies to method ia3 only")
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                raise ConfigError(f"{section}.feedforward_modules",
+                                  f"{extra} must also be listed in target_modules (explicit names, not all-linear)")
+        if self.method == "qlora":
+            _require_qlora_runtime(f"{section}.method")
+
+    @property
+    def prompt_learning(self) -> bool:
+        """Methods that add virtual tokens: no packing, no position ids from the batch."""
+        return self.method in PROMPT_METHODS
+
+
+def _require_qlora_runtime(key: str) -> None:
+    """Refuse qlora at config load where it cannot run, rather than deep inside a worker."""
+    import importlib.util
+
+    import torch
+
+    lacking = [what for what, ok in (("a CUDA GPU", torch.cuda.is_available()),
+                                     ("bitsandbytes", importlib.util.find_spec("bitsandbytes") is not None)) if not ok]
+    if lacking:
+        raise ConfigError(key, f"qlora needs a CUDA GPU and bitsandbytes (pip install bitsandbytes); "
+                               f"this machine lacks {' and '.join(lacking)}. Use lora or dora instead")
 
 
 @dataclass
 class FreezeConfig:
     mode: Literal["none", "last_layers", "first_layers", "modules", "gradual"] = opt(
-        "none", "Partial fine-tuning: none = everything the PEFT setting trains; last_layers / "
-                "first_layers = only N transformer blocks; modules = only the named modules; gradual = "
-                "start with the top `layers` blocks, unfreeze one more block every `unfreeze_every` steps.")
+        "none", "Partial fine-tuning, among the parameters the peft setting trains: none = all of them; "
+                "last_layers = the top `layers` transformer blocks plus the final norm and output head; "
+                "first_layers = the bottom `layers` blocks only; modules = only `modules`; gradual = "
+                "start as last_layers, unfreeze the next block down every `unfreeze_every` steps.")
     layers: int = opt(1, "N transformer blocks for last_layers, first_layers and the start of gradual.")
-    modules: list[str] = opt([], "Module names (or dotted-name suffixes such as lm_head) that train; "
-                                 "for mode modules the only ones, otherwise in addition to the blocks.")
+    modules: list[str] = opt([], "Module names matched as whole dotted components of parameter names "
+                                 "(lm_head, model.norm, self_attn.q_proj, embed_tokens) that train: for "
+                                 "mode modules the only ones, otherwise in addition to the blocks.")
     unfreeze_every: int = opt(0, "Gradual unfreezing: steps between unfreezing the next block down.")
 
     def validate(self, section: str) -> None:
@@ -117,6 +165,10 @@ class FreezeConfig:
             raise ConfigError(f"{section}.layers", f"must be >= 0, got {self.layers}")
         if self.mode == "modules" and not self.modules:
             raise ConfigError(f"{section}.modules", "must name at least one module for mode modules")
+        if any(not name.strip(". ") for name in self.modules):
+            raise ConfigError(f"{section}.modules", "has an empty name")
+        if self.modules and self.mode == "none":
+            raise ConfigError(f"{section}.modules", "needs a freeze.mode; with none everything trains already")
         if self.mode == "gradual" and self.unfreeze_every < 1:
             raise ConfigError(f"{section}.unfreeze_every", "must be >= 1 for mode gradual")
 
@@ -127,6 +179,7 @@ class TrainConfig:
     max_steps: int = opt(0, "Optimizer steps to run; 0 = derive from epochs.")
     batch_size: int = opt(8, "Micro-batch size per worker.")
     grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
+    optimizer: Literal["adamw", "sgd"] = opt("adamw", "adamw, or plain sgd (no momentum; mostly for checks).")
     lr: float = opt(2e-4, "Peak learning rate.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     betas: list[float] = opt([0.9, 0.999], "AdamW betas.")

@@ -76,7 +76,7 @@ def seed_everything(seed: int) -> None:
 
 def run_loop(job, datasets, method, hooks: Hooks | None = None) -> None:
     """Train `method.build_model()` on `datasets.train`; see the module docstring."""
-    hooks = hooks or Hooks()
+    hooks = hooks or method.hooks()
     worker, cfg, run_dir = Worker.current(), job.train, Path(job.run_dir)
     seed_everything(cfg.seed)
     model = method.build_model().to(worker.device)

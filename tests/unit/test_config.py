@@ -70,3 +70,17 @@ def test_every_key_has_help():
     rows = field_help(JobConfig)
     assert {"train.lr", "data.max_length", "peft.r", "cluster.num_workers"} <= {k for k, _, _ in rows}
     assert all(help_text for _, help_text, _ in rows)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["peft.method=prefix", "data.packing=true"], "data.packing"),
+    (["freeze.mode=gradual", "freeze.unfreeze_every=2", "cluster.strategy=zero2"], "freeze.mode"),
+    (["cluster.strategy=ddp", "cluster.offload_optimizer=true"], "cluster.offload_optimizer"),
+    (["cluster.strategy=zero2", "cluster.offload_params=true"], "cluster.offload_params"),
+    (["train.early_stopping_patience=2"], "train.eval_every"),
+    (["data.replay_ratio=0.2"], "data.replay_ratio"),
+])
+def test_invalid_combinations_name_a_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, BASE + overrides, default_name="x")
+    assert err.value.key == key
