@@ -13,6 +13,7 @@ from trainers.data.records import Example, Labelled
 from trainers.errors import DataError, UserError
 from trainers.loop import run_loop
 from trainers.method import Method
+from trainers.metrics import macro_f1
 from trainers.models import load_tokenizer, resolve_dtype
 
 
@@ -37,13 +38,6 @@ def encode_labelled(records: list[Labelled], tokenizer, labels: list[str], max_l
         ids = ids[-max_length:] if truncation_side == "left" else ids[:max_length]
         out.append(Example(input_ids=ids, labels=[index[rec.label]], truncated=truncated))
     return out
-
-
-def macro_f1(tp: list[float], fp: list[float], fn: list[float]) -> float:
-    """Mean over classes of 2TP / (2TP + FP + FN); a class absent from both the data and
-    the predictions scores 0 only if it was ever involved (otherwise it is left out)."""
-    scores = [2 * t / (2 * t + p + n) for t, p, n in zip(tp, fp, fn) if (t + p + n) > 0]
-    return sum(scores) / len(scores) if scores else 0.0
 
 
 class ClassificationMethod(Method):

@@ -1,6 +1,6 @@
-"""The run's metrics log: one JSON object per logged step in metrics.jsonl, written by
-rank 0 only. On resume, rows past the restored step are dropped so the log reads as one
-uninterrupted run."""
+"""The run's metrics log (one JSON object per logged step in metrics.jsonl, written by
+rank 0 only; on resume, rows past the restored step are dropped so the log reads as one
+uninterrupted run) and the metric formulas that training and `rayft eval` share."""
 
 from __future__ import annotations
 
@@ -30,3 +30,15 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def f1_from_counts(tp: float, fp: float, fn: float) -> float:
+    """F1 = 2TP / (2TP + FP + FN) (the harmonic mean of precision and recall); 0 when the
+    class never occurs in labels or predictions."""
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def macro_f1(tp: list[float], fp: list[float], fn: list[float]) -> float:
+    """Unweighted mean F1 over the classes that occur in the labels or the predictions."""
+    scores = [f1_from_counts(t, p, n) for t, p, n in zip(tp, fp, fn) if t + p + n]
+    return sum(scores) / len(scores) if scores else 0.0

@@ -17,11 +17,6 @@ from trainers.models import count_parameters, load_causal_lm, resolve_dtype
 CHECKPOINTING = {"use_reentrant": False}
 
 
-def build_policy(model_cfg, peft_cfg, use_gpu: bool) -> torch.nn.Module:
-    """The causal LM to train: the base model, wrapped by peft when a PEFT method is set."""
-    return apply_peft(load_base_model(model_cfg, peft_cfg, use_gpu), peft_cfg)
-
-
 def load_base_model(model_cfg, peft_cfg, use_gpu: bool) -> torch.nn.Module:
     """The causal LM from `model_cfg.path`, 4-bit for qlora, ready for training."""
     if peft_cfg.method == "qlora":

@@ -9,6 +9,7 @@ from typing import Hashable, Sequence
 from trainers.data.formats import get_format
 from trainers.data.records import Conversation, Labelled, Prompt, RawText
 from trainers.errors import UserError
+from trainers.metrics import f1_from_counts
 
 # Passes: "loss" gives loss and perplexity, "exact_match" greedy generation scored
 # against references, "classification" accuracy and macro-F1.
@@ -59,16 +60,14 @@ def accuracy(gold: Sequence[Hashable], predicted: Sequence[Hashable]) -> float:
 def f1_per_label(gold: Sequence[Hashable], predicted: Sequence[Hashable]) -> dict:
     """F1 of each label that occurs in `gold` or `predicted` (a label never seen in either
     has no defined F1, so it is left out, as scikit-learn does by default). Precision or
-    recall with a zero denominator counts as 0."""
+    recall with a zero denominator counts as 0 (`trainers.metrics.f1_from_counts`)."""
     _same_length(gold, predicted)
     scores = {}
     for label in sorted(set(gold) | set(predicted), key=str):
         tp = sum(g == label and p == label for g, p in zip(gold, predicted))
         fp = sum(g != label and p == label for g, p in zip(gold, predicted))
         fn = sum(g == label and p != label for g, p in zip(gold, predicted))
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
-        scores[label] = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        scores[label] = f1_from_counts(tp, fp, fn)
     return scores
 
 

@@ -66,3 +66,12 @@ def test_token_nll_by_hand():
     logits[0, 2, 1] = 50.0
     summed, _ = token_nll_sum(logits, labels)
     assert float(summed) == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_macro_f1_from_counts_by_hand():
+    from trainers.metrics import f1_from_counts, macro_f1
+
+    # class 0: tp 3 fp 1 fn 0 -> 6/7; class 1: tp 1 fp 0 fn 1 -> 2/3; class 2 never occurs
+    assert f1_from_counts(3, 1, 0) == pytest.approx(6 / 7)
+    assert macro_f1([3, 1, 0], [1, 0, 0], [0, 1, 0]) == pytest.approx((6 / 7 + 2 / 3) / 2)
+    assert macro_f1([0, 0], [2, 0], [0, 2]) == 0.0
