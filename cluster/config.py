@@ -14,7 +14,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from trainers.config import DataConfig, FreezeConfig, ModelConfig, PeftConfig, TrainConfig, opt
+from trainers.config import (DataConfig, DPOConfig, FreezeConfig, ModelConfig, PeftConfig, RewardConfig, TrainConfig,
+                              opt)
 from trainers.errors import ConfigError, UserError
 
 @dataclass
@@ -43,9 +44,10 @@ class ClusterConfig:
 
 @dataclass
 class JobConfig:
-    method: Literal["sft", "cpt", "classification"] = opt(
+    method: Literal["sft", "cpt", "classification", "rm", "dpo"] = opt(
         "sft", "sft: loss on assistant turns (or every token of raw text); cpt: continued pre-training "
-               "on raw text; classification: a sequence-classification head on text/label data.")
+               "on raw text; classification: a sequence-classification head on text/label data; rm: a "
+               "reward model from preference pairs or scores; dpo: direct preference optimisation.")
     name: str = opt("", "Run name; the run directory is output_dir/name (default: the config file's stem).")
     output_dir: str = opt("runs", "Parent directory of run directories.")
     model: ModelConfig = opt(ModelConfig, "The model to start from.")
@@ -53,6 +55,8 @@ class JobConfig:
     peft: PeftConfig = opt(PeftConfig, "Parameter-efficient fine-tuning.")
     freeze: FreezeConfig = opt(FreezeConfig, "Partial fine-tuning: which layers or modules train.")
     train: TrainConfig = opt(TrainConfig, "Optimisation and schedule.")
+    rm: RewardConfig = opt(RewardConfig, "Reward-model objective (method rm).")
+    dpo: DPOConfig = opt(DPOConfig, "DPO loss and reference model (method dpo).")
     cluster: ClusterConfig = opt(ClusterConfig, "Ray cluster and distributed strategy.")
 
     @property
@@ -81,7 +85,9 @@ class JobConfig:
             raise ConfigError("cluster.strategy", "zero3 cannot shard QLoRA's 4-bit base weights; use ddp, zero1 or zero2")
         if peft == "qlora" and self.cluster.device == "cpu":
             raise ConfigError("cluster.device", "peft.method qlora needs cuda")
-        if peft == "qlora" and self.method == "classification":
+        if self.dpo.reference == "adapter_disabled" and peft == "none":
+            raise ConfigError("dpo.reference", "adapter_disabled needs a PEFT method (peft.method)")
+        if peft == "qlora" and self.method in ("classification", "rm"):
             raise ConfigError("peft.method", "qlora is not supported for method classification")
 
 

@@ -4,6 +4,7 @@ step, loss and ETA while Ray Train runs."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -17,7 +18,7 @@ class MetricsProgress:
         self.path, self.total, self.desc, self.interval = Path(metrics_path), total_steps, desc, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._offset = 0
+        self._offset, self._inode = 0, None
 
     def __enter__(self):
         self.bar = tqdm(total=self.total, desc=self.desc, unit="step", dynamic_ncols=True)
@@ -35,11 +36,14 @@ class MetricsProgress:
             self._poll()
 
     def _poll(self):
-        if not self.path.exists():
+        try:
+            fh = self.path.open()
+        except FileNotFoundError:
             return
-        if self.path.stat().st_size < self._offset:
-            self._offset = 0  # a resumed run rewrote the log without the rolled-back steps
-        with self.path.open() as fh:
+        with fh:
+            stat = os.fstat(fh.fileno())  # of the file actually opened
+            if stat.st_ino != self._inode or stat.st_size < self._offset:
+                self._inode, self._offset = stat.st_ino, 0  # a resumed run replaced the log
             fh.seek(self._offset)
             chunk = fh.read()
         complete = chunk[: chunk.rfind("\n") + 1]  # leave a half-written line for later

@@ -25,12 +25,16 @@ METHODS = {
     "sft": ("trainers.sft:sft_worker", "sft"),
     "cpt": ("trainers.sft:sft_worker", "sft"),
     "classification": ("trainers.classify:classification_worker", "classification"),
+    "rm": ("trainers.reward:reward_worker", "preference"),
+    "dpo": ("trainers.dpo:dpo_worker", "preference"),
 }
 
 
 def run_training(config: JobConfig, echo=print) -> dict:
     """Run `config` to completion on Ray; returns the summary written to summary.json."""
     entry, purpose = METHODS[config.method]
+    if config.method == "rm" and config.rm.objective == "regression":
+        purpose = "scored"
     config = with_absolute_paths(config)
     run_dir = config.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +107,11 @@ def _prepare(config: JobConfig, datasets, tokenizer) -> None:
         from trainers.classify import prepare_classification
 
         prepare_classification(datasets, tokenizer, config.data)
+    elif config.method in ("rm", "dpo"):
+        from trainers.reward import encode_preference_sets
+
+        objective = config.rm.objective if config.method == "rm" else "pairwise"
+        encode_preference_sets(datasets, tokenizer, config.data, objective)
 
 
 def _check_resume(config: JobConfig, run_dir: Path, echo) -> None:

@@ -40,6 +40,22 @@ def encode_labelled(records: list[Labelled], tokenizer, labels: list[str], max_l
     return out
 
 
+def load_sequence_classifier(job, tokenizer, use_gpu: bool, id2label: dict[int, str]) -> torch.nn.Module:
+    """The causal LM at `job.model.path` with a fresh `len(id2label)`-way head on its last
+    token (one output: a scalar reward model), PEFT and freezing applied."""
+    from transformers import AutoModelForSequenceClassification
+
+    from trainers.setup import apply_peft_and_freezing
+
+    cfg = job.model
+    model = AutoModelForSequenceClassification.from_pretrained(
+        cfg.path, num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
+        dtype=getattr(torch, resolve_dtype(cfg.dtype, use_gpu)), use_safetensors=True,
+        trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
+    return apply_peft_and_freezing(model, job, task_type="SEQ_CLS")
+
+
 class ClassificationMethod(Method):
     name = "classification"
     metric, higher_is_better = "eval_accuracy", True
@@ -49,18 +65,7 @@ class ClassificationMethod(Method):
         self.labels = labels
 
     def build_model(self) -> torch.nn.Module:
-        from transformers import AutoModelForSequenceClassification
-
-        from trainers.setup import apply_peft_and_freezing
-
-        cfg = self.job.model
-        model = AutoModelForSequenceClassification.from_pretrained(
-            cfg.path, num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
-            label2id={label: i for i, label in enumerate(self.labels)},
-            dtype=getattr(torch, resolve_dtype(cfg.dtype, self.use_gpu)), use_safetensors=True,
-            trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
-        model.config.pad_token_id = self.tokenizer.pad_token_id  # the head reads the last non-pad token
-        return apply_peft_and_freezing(model, self.job, task_type="SEQ_CLS")
+        return load_sequence_classifier(self.job, self.tokenizer, self.use_gpu, dict(enumerate(self.labels)))
 
     def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         width = max(len(e.input_ids) for e in examples)

@@ -213,3 +213,38 @@ class TrainConfig:
             raise ConfigError(f"{section}.eval_every", "must be > 0 when early_stopping_patience is set")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"{section}.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class RewardConfig:
+    objective: Literal["pairwise", "regression"] = opt(
+        "pairwise", "pairwise: preference rows, loss -log sigmoid(r_chosen - r_rejected - margin); "
+                    "regression: scored rows (reward_score), mean squared error.")
+    use_margin: bool = opt(True, "Subtract the row's `margin` (when the data has one) inside the pairwise loss.")
+    center_coef: float = opt(0.0, "Weight of (r_chosen + r_rejected)^2, keeping rewards centred on 0 (e.g. 0.01).")
+
+    def validate(self, section: str) -> None:
+        if self.center_coef < 0:
+            raise ConfigError(f"{section}.center_coef", f"must be >= 0, got {self.center_coef}")
+
+
+@dataclass
+class DPOConfig:
+    loss: Literal["sigmoid", "ipo", "hinge"] = opt(
+        "sigmoid", "sigmoid: DPO (with label_smoothing > 0: conservative DPO); ipo: IPO on "
+                   "length-normalised log-probs; hinge: SLiC-style hinge.")
+    beta: float = opt(0.1, "Strength of the pull towards the reference: higher keeps the policy closer.")
+    label_smoothing: float = opt(0.0, "sigmoid only: assumed probability that a preference label is flipped.")
+    reference: Literal["auto", "copy", "adapter_disabled"] = opt(
+        "auto", "Reference model: a frozen copy of the start model, or (with a PEFT method) the same "
+                "base with the adapter disabled, which needs no second copy; auto picks the latter with PEFT.")
+    precompute_ref: bool = opt(True, "Compute each pair's reference log-probs once and reuse them every epoch.")
+
+    def validate(self, section: str) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"{section}.beta", f"must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"{section}.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ConfigError(f"{section}.label_smoothing", "applies to loss sigmoid only")
+

@@ -42,11 +42,21 @@ def sentiment(rng: random.Random) -> tuple[str, str]:
     return " ".join(words), label
 
 
+def addition_preference(rng: random.Random) -> tuple[str, str, str]:
+    """An addition question, its right answer, and a typical wrong one (the difference or
+    the product: the wrong operation), for reward models and DPO."""
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    wrong = a - b if rng.random() < 0.5 else a * b
+    return f"What is {a} + {b}?", str(a + b), str(wrong)
+
+
 # name -> function drawing one (question, answer) pair from the generator
-TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
-    "addition": addition, "reverse": reverse, "sentiment": sentiment}
+TASKS: dict[str, Callable[[random.Random], tuple]] = {
+    "addition": addition, "reverse": reverse, "sentiment": sentiment, "addition_pref": addition_preference}
 # Tasks whose pairs are (text, label) classification rows rather than chat turns.
 CLASSIFICATION_TASKS = {"sentiment"}
+# Tasks that draw (prompt, chosen, rejected) preference rows.
+PREFERENCE_TASKS = {"addition_pref"}
 
 
 def synth_rows(task: str, n: int, seed: int = 0) -> list[dict]:
@@ -58,6 +68,10 @@ def synth_rows(task: str, n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
+        if task in PREFERENCE_TASKS:
+            prompt, chosen, rejected = TASKS[task](rng)
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+            continue
         question, answer = TASKS[task](rng)
         if task in CLASSIFICATION_TASKS:
             rows.append({"text": question, "label": answer})

@@ -1,0 +1,111 @@
+"""Direct preference optimisation (`method: dpo`) and its variants (conservative DPO via
+label smoothing, IPO, hinge): the policy's response log-probs against a reference's, on
+preference pairs. The reference is the same base with the adapter disabled when a PEFT
+method is set (no second copy in memory), otherwise a frozen copy of the start model.
+Reference log-probs are computed once per pair and cached (`dpo.precompute_ref`)."""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from trainers.loop import run_loop
+from trainers.losses import dpo_loss, sequence_logps
+from trainers.method import Method
+from trainers.models import load_tokenizer
+from trainers.reward import RewardMethod, pair_batch
+
+
+def unwrap(model):
+    """The module under a DDP or DeepSpeed wrapper."""
+    return getattr(model, "module", model)
+
+
+class DPOMethod(Method):
+    name = "dpo"
+    metric, higher_is_better = "eval_loss", False
+
+    def __init__(self, job, tokenizer, use_gpu: bool):
+        super().__init__(job, tokenizer, use_gpu)
+        cfg = job.dpo
+        self.cfg = cfg
+        self.adapter_reference = cfg.reference == "adapter_disabled" or (
+            cfg.reference == "auto" and job.peft.method != "none")
+        self.reference = None  # the frozen copy, when there is one
+        self._cache: dict[int, torch.Tensor] = {}  # pair index -> (chosen, rejected) log-probs
+
+    def build_model(self) -> torch.nn.Module:
+        policy = super().build_model()
+        if not self.adapter_reference:
+            from trainers.setup import load_base_model
+
+            self.reference = load_base_model(self.job.model, self.job.peft, self.use_gpu)
+            self.reference.requires_grad_(False).eval()
+        return policy
+
+    def collate(self, examples: list) -> dict[str, torch.Tensor]:
+        return pair_batch(examples, self.tokenizer.pad_token_id)
+
+    count_items = staticmethod(RewardMethod.count_items)
+    count_tokens = staticmethod(RewardMethod.count_tokens)
+
+    def _logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(**self.model_inputs(batch), use_cache=False)
+        logits = out.logits[:, -batch["labels"].shape[1]:]
+        return sequence_logps(logits, batch["labels"])
+
+    @torch.no_grad()
+    def reference_logps(self, model, batch) -> torch.Tensor:
+        """Reference summed log-probs of both sides, (2B,), from the cache when possible."""
+        keys = batch["index"].tolist()
+        if self.cfg.precompute_ref and all(k in self._cache for k in keys):
+            cached = torch.stack([self._cache[k] for k in keys])
+            return torch.cat([cached[:, 0], cached[:, 1]]).to(batch["input_ids"].device)
+        if self.reference is not None:
+            logps, _ = self._logps(self.reference.to(batch["input_ids"].device), batch)
+        else:
+            module = unwrap(model)
+            was_training = module.training
+            module.eval()  # the reference sees no dropout, like the frozen copy
+            with module.disable_adapter():
+                logps, _ = self._logps(module, batch)
+            module.train(was_training)
+        if self.cfg.precompute_ref:
+            for k, pair in zip(keys, torch.stack(logps.chunk(2), dim=1).cpu()):
+                self._cache[k] = pair
+        return logps
+
+    def _pair_terms(self, model, batch):
+        reference = self.reference_logps(model, batch)
+        policy, counts = self._logps(model, batch)
+        pc, pr = policy.chunk(2)
+        rc, rr = reference.chunk(2)
+        nc, nr = counts.chunk(2)
+        losses = dpo_loss(pc, pr, rc, rr, self.cfg.beta, self.cfg.loss, self.cfg.label_smoothing,
+                          chosen_len=nc.float(), rejected_len=nr.float())
+        return losses, pc, pr, rc, rr
+
+    def loss(self, model, batch):
+        losses, *_ = self._pair_terms(model, batch)
+        return losses.sum(), batch["margin"].new_tensor(len(losses))
+
+    def eval_sums(self, model, batch):
+        losses, pc, pr, rc, rr = self._pair_terms(model, batch)
+        chosen_reward, rejected_reward = self.cfg.beta * (pc - rc), self.cfg.beta * (pr - rr)
+        return {"loss": float(losses.sum()), "items": float(len(losses)),
+                "correct": float((chosen_reward > rejected_reward).sum()),
+                "chosen_reward": float(chosen_reward.sum()), "rejected_reward": float(rejected_reward.sum()),
+                "chosen_logps": float(pc.sum()), "rejected_logps": float(pr.sum())}
+
+    def finish_eval(self, sums):
+        n = max(sums["items"], 1.0)
+        chosen, rejected = sums["chosen_reward"] / n, sums["rejected_reward"] / n
+        return {"eval_loss": sums["loss"] / n, "eval_reward_accuracy": sums["correct"] / n,
+                "eval_chosen_reward": chosen, "eval_rejected_reward": rejected, "eval_reward_margin": chosen - rejected,
+                "eval_chosen_logps": sums["chosen_logps"] / n, "eval_rejected_logps": sums["rejected_logps"] / n}
+
+
+def dpo_worker(loop_config: dict) -> None:
+    job = loop_config["job"]
+    tokenizer = load_tokenizer(job.model.path, job.model.trust_remote_code, job.data.chat_template)
+    run_loop(job, ray.get(loop_config["datasets"]), DPOMethod(job, tokenizer, loop_config.get("use_gpu", False)))
