@@ -65,3 +65,14 @@ def test_dpo_lora_raises_reward_accuracy_and_keeps_reference(ray_cluster, tiny_b
     probe = torch.tensor([[1, 40, 41, 42, 43, 2]])
     with torch.no_grad(), policy.disable_adapter():
         assert torch.equal(policy(probe).logits, base(probe).logits)
+
+
+@pytest.mark.parametrize("loss", ["ipo", "hinge"])
+def test_dpo_variants_full_zero2_with_frozen_copy(loss, ray_cluster, tiny_base_dir, preference_data, tmp_path):
+    """Full-parameter DPO sharded with ZeRO-2, the reference a frozen copy, IPO and hinge."""
+    beta = {"ipo": 0.5, "hinge": 0.1}[loss]
+    cfg, evals = _run(tmp_path, tiny_base_dir, preference_data, f"dpo-{loss}", "method=dpo",
+                      "cluster.strategy=zero2", f"dpo.loss={loss}", f"dpo.beta={beta}", "train.max_steps=15",
+                      "train.lr=5e-4")
+    assert (cfg.run_dir / "checkpoints" / "step_00000015" / "zero").is_dir()
+    assert evals[-1]["eval_reward_accuracy"] >= 0.8 and evals[-1]["eval_reward_margin"] > 0, evals[-1]
