@@ -20,7 +20,9 @@ PANELS = [
     ("Reward", ["reward", "eval_reward"]),
     ("KL", ["kl"]),
     ("Response length", ["response_length"]),
-    ("Accuracy", ["eval_accuracy", "accuracy"]),
+    ("Accuracy", ["eval_accuracy", "eval_reward_accuracy", "eval_f1"]),
+    ("Reward margin", ["eval_margin", "eval_reward_margin"]),
+    ("Implicit rewards", ["eval_chosen_reward", "eval_rejected_reward"]),
 ]
 
 

@@ -2,7 +2,8 @@
 `rayft export`.
 
 `inspect_model(path)` resolves a run directory to its `final/` and tells a full model
-from a peft adapter, and a causal LM from a sequence classifier, from the JSON configs
+from a peft adapter, and a causal LM from a sequence classifier from a reward model (a
+sequence classifier with one output), from the JSON configs and the safetensors header
 alone, so a wrong path fails in one line before any weights (or torch) are loaded.
 `load_model` then loads it: weights from safetensors only, never the model's own code.
 """
@@ -16,7 +17,7 @@ from typing import Optional
 
 from trainers.errors import UserError
 
-CAUSAL_LM, CLASSIFIER = "causal_lm", "classifier"
+CAUSAL_LM, CLASSIFIER, REWARD_MODEL = "causal_lm", "classifier", "reward_model"
 # peft methods that add virtual tokens instead of changing weights: nothing to merge.
 PROMPT_LEARNING = {"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT"}
 PEFT_TASKS = {None: CAUSAL_LM, "CAUSAL_LM": CAUSAL_LM, "SEQ_CLS": CLASSIFIER}
@@ -27,7 +28,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 @dataclass
 class ModelDir:
     path: Path                     # the directory holding the weights (a run's final/)
-    task: str                      # CAUSAL_LM or CLASSIFIER
+    task: str                      # CAUSAL_LM, CLASSIFIER or REWARD_MODEL (one label: the reward)
     peft_type: Optional[str]       # "LORA", "DORA", "IA3", ... for an adapter; None for a full model
     base: Optional[Path] = None    # an adapter's base model directory
 
@@ -53,18 +54,26 @@ def inspect_model(path: str | Path) -> ModelDir:
     if not _is_model_dir(p) and (p / "final").is_dir():
         p = p / "final"
     if (p / "adapter_config.json").is_file():
-        return _adapter_dir(p)
+        return _reward_or_classifier(_adapter_dir(p))
     if (p / "config.json").is_file():
         config = read_json(p / "config.json")
         archs = config.get("architectures") or []
         task = CLASSIFIER if archs and archs[-1].endswith("ForSequenceClassification") else CAUSAL_LM
-        return ModelDir(p, task, None)
+        return _reward_or_classifier(ModelDir(p, task, None))
     if (p / "trainable.safetensors").is_file():
         raise UserError(f"{p}: a resumable training checkpoint (trained tensors and optimizer state), "
                         "not a model directory; give the run directory or its final/")
     if (p / "config.yaml").is_file():
         raise UserError(f"{p}: a run directory without final/ (the run has not finished)")
     raise UserError(f"{p}: not a model directory (no config.json or adapter_config.json, and no final/)")
+
+
+def _reward_or_classifier(md: ModelDir) -> ModelDir:
+    """A sequence classifier with exactly one output is a reward model (the reward trainer
+    saves its head as id2label {0: "reward"}; any single label counts)."""
+    if md.task == CLASSIFIER and len(class_labels(md)) == 1:
+        md.task = REWARD_MODEL
+    return md
 
 
 def _is_model_dir(p: Path) -> bool:
@@ -101,22 +110,38 @@ def read_json(path: Path) -> dict:
 
 
 def class_labels(md: ModelDir) -> dict[int, str]:
-    """A classifier's id -> label name. peft does not save the label names with a SEQ_CLS
-    adapter, so they come from a config.json beside it (the trainer saves one) or, failing
-    that, from the size of the saved head, as LABEL_0, LABEL_1, ..."""
+    """A classifier's (or reward model's) id -> label name. peft does not save the label
+    names with a SEQ_CLS adapter, so they come from a config.json beside it (the trainer
+    saves one) or, failing that, from the size of the saved head, as LABEL_0, LABEL_1, ...
+    A full model's config.json leaves id2label out when it is transformers' default (two
+    classes, LABEL_0 and LABEL_1)."""
     config_file = md.path / "config.json"
     config = read_json(config_file) if config_file.is_file() else {}
     if config.get("id2label"):
         return {int(k): str(v) for k, v in config["id2label"].items()}
+    if md.peft_type is None and config_file.is_file():
+        return {i: f"LABEL_{i}" for i in range(2)}
     if md.peft_type is not None:
-        from safetensors import safe_open
-
-        with safe_open(str(md.path / "adapter_model.safetensors"), framework="pt") as f:
-            heads = [f.get_slice(k).get_shape()[0] for k in f.keys()
-                     if k.endswith(("score.weight", "classifier.weight"))]
+        heads = [shape[0] for name, shape in safetensors_shapes(md.path / "adapter_model.safetensors").items()
+                 if name.endswith(("score.weight", "classifier.weight"))]
         if heads:
             return {i: f"LABEL_{i}" for i in range(heads[0])}
     raise UserError(f"{md.path}: cannot tell the classifier's labels (no id2label in config.json, no saved head)")
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape, from the file's JSON header (8-byte little-endian length, then
+    JSON): no tensor is read and torch is not imported."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size < 100_000_000 else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a readable safetensors file")
+    return {name: list(info["shape"]) for name, info in header.items()
+            if isinstance(info, dict) and "shape" in info}
 
 
 def saved_dtype(directory: Path) -> str:
@@ -132,13 +157,13 @@ def load_model(md: ModelDir, dtype: str, device: str = "cpu"):
     from trainers.models import load_tokenizer
 
     tokenizer = load_tokenizer(md.tokenizer_dir)
-    labels = class_labels(md) if md.task == CLASSIFIER else None
+    labels = class_labels(md) if md.task != CAUSAL_LM else None
     model = _load_weights(md.base or md.path, md.task, dtype, labels, under_adapter=md.peft_type is not None)
     if md.peft_type is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(md.path))
-    if md.task == CLASSIFIER and model.config.pad_token_id is None:
+    if md.task != CAUSAL_LM and model.config.pad_token_id is None:
         # The classifier pools the last non-pad token, so it must know the pad id to batch.
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device).eval(), tokenizer
