@@ -7,20 +7,11 @@ turns YAML into these classes, checks types and calls `validate()`, which raises
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional
 
+from rollout.config import opt  # rollout is the lowest layer: the shared field helper lives there
 from trainers.errors import ConfigError
-
-
-def opt(default, help: str):
-    """A dataclass field with help text. A list default is copied per instance; a class
-    default (a nested config section) is instantiated per instance."""
-    if isinstance(default, type):
-        return field(default_factory=default, metadata={"help": help})
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

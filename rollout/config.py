@@ -1,0 +1,34 @@
+"""Typed config of the rollout side: the engine pool and its sampling defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def opt(default, help: str):
+    """A dataclass field with help text, used by every part's config. A list default is
+    copied per instance; a class default (a nested section) is instantiated per instance."""
+    if isinstance(default, type):
+        return field(default_factory=default, metadata={"help": help})
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["auto", "vllm", "hf"] = opt("auto", "Generation engine: vllm where installed, else hf (transformers).")
+    num_engines: int = opt(1, "Engine actors in the pool; a batch is split across them.")
+    tensor_parallel_size: int = opt(1, "GPUs per engine (vLLM tensor parallelism; GPU only).")
+    cpus_per_engine: float = opt(1.0, "CPUs reserved per engine actor.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Engine weights dtype: auto = bfloat16 on GPU, float32 on CPU.")
+    max_model_len: int = opt(1024, "Longest prompt + response an engine handles.")
+    kv_cache_gb: float = opt(1.0, "KV-cache memory per engine on CPU, GiB (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = opt(0.5, "Share of GPU memory an engine may take (GPU only).")
+    enable_lora: bool = opt(False, "Serve LoRA adapters (needed to sync a LoRA policy without merging).")
+    max_lora_rank: int = opt(16, "Largest LoRA rank the engines accept.")
+    max_retries: int = opt(2, "Times a failed engine's share of a batch is re-issued on a restarted engine.")
+    sync_bucket_mb: int = opt(256, "Size bound of each weight-sync message, MiB.")
+    verify_sync: bool = opt(False, "After each sync, report the max |log-prob| difference engine vs trainer on a probe batch.")
+    seed: int = opt(0, "Engine seed.")

@@ -1,0 +1,54 @@
+"""The generation-engine interface every rollout engine implements, and the typed values
+that cross actor boundaries: sampling settings in, `Generation`s out.
+
+Engines: `rollout.vllm_engine.VLLMEngine` (default where vLLM is installed; the CPU build
+here) and `rollout.hf_engine.HFEngine` (transformers `generate`: the fallback, and the
+reference in tests). `rollout.pool.RolloutPool` puts N of them behind one handle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Protocol, Union
+
+Messages = list[dict]            # [{"role": ..., "content": ...}, ...]
+PromptInput = Union[list[int], Messages]  # token ids, or chat messages rendered by the chat template
+
+
+@dataclass
+class Sampling:
+    """How to sample; the same fields for every engine."""
+    n: int = 1                       # samples per prompt
+    temperature: float = 1.0         # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                   # 0 = off
+    max_new_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: Optional[int] = None       # per-request seed: the same seed gives the same samples
+
+
+@dataclass
+class Generation:
+    """One sampled response to one prompt."""
+    prompt_index: int                # position of the prompt in the request
+    sample_index: int                # 0..n-1
+    prompt_ids: list[int]
+    response_ids: list[int]
+    text: str
+    logprobs: list[float]            # log-prob of each response token under the sampling model
+    finish_reason: str               # "stop" (eos or a stop string/id) or "length"
+
+
+class Engine(Protocol):
+    def generate(self, prompts: list[PromptInput], sampling: Sampling) -> list[list[Generation]]:
+        """`n` generations per prompt, in input order."""
+
+    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        """Log-prob of each response token given its prompt (for verifying weight sync)."""
+
+    def update_weights(self, payload: bytes) -> None:
+        """Load full or partial weights given as safetensors bytes (names as in the HF model)."""
+
+    def load_adapter(self, adapter_dir: str) -> int:
+        """Serve a peft LoRA adapter (a new version replaces the last); returns its version."""
