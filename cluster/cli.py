@@ -82,18 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="score a run or model on a data file (loss, perplexity, exact match, F1)",
+    p = sub.add_parser("eval", help="score a run or model on a data file (loss, exact match, F1, rewards)",
                        description="Evaluate a run's final model (or a model / adapter directory) in this process, "
                                    "on the GPU when there is one. Causal LMs get loss and perplexity on "
                                    "conversations and raw text, and exact match of greedy generations on rows "
                                    "with a 'reference' or 'answer'; classifiers get accuracy and macro-F1 on "
-                                   "text/label rows. See docs/eval.md.")
+                                   "text/label rows; reward models (one-output classifiers) get pairwise "
+                                   "accuracy and margin on preference rows, and a reward per row on "
+                                   "(prompt, response) rows (with MSE and MAE when rows carry a score). "
+                                   "See docs/eval.md.")
     p.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="run directory (its final/ is used) or model directory")
     p.add_argument("--data", required=True, metavar="FILE", help="data file (any format `rayft data check` reads)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.add_argument("--max-length", type=int, metavar="N",
                    help="tokens per row (default: the run's data.max_length, else 512)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="rows per forward pass")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="rows (preference pairs) per forward pass")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N rows")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="generation length for exact match")
     p.add_argument("--out", metavar="FILE", help="write one JSON line of results per row")

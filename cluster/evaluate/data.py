@@ -3,8 +3,9 @@
 The format is detected once from the first row; `choose_passes` decides the passes from
 the model's task, the format and whether rows carry an explicit `reference`/`answer`;
 then the file is loaded with `load_records` for each pass's purpose (sft records for the
-loss, prompt records for generation, labelled text for classification), so every row
-is validated exactly as training would, with the same file/line/field errors.
+loss, prompt records for generation, labelled text for classification, preference or
+scored records for a reward model), so every row is validated exactly as training would,
+with the same file/line/field errors.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from itertools import islice
 from pathlib import Path
 from typing import Optional
 
-from cluster.evaluate.metrics import CLASSIFICATION, EXACT_MATCH, LOSS, choose_passes
+from cluster.evaluate.metrics import CLASSIFICATION, EXACT_MATCH, LOSS, PAIRS, REWARDS, choose_passes
 from trainers.data import load_records, read_rows
 from trainers.data.fields import RowError, get_reference
 from trainers.data.formats import detect_format, get_format
-from trainers.data.records import Conversation, Labelled, Prompt
+from trainers.data.records import Conversation, Labelled, Preference, Prompt, Scored
+from trainers.data.render import chat_messages
 from trainers.errors import DataError, UserError
 
 
@@ -31,6 +33,9 @@ class EvalData:
     scored: Optional[list] = None                        # Conversation / RawText per row (loss)
     prompts: dict[int, Prompt] = field(default_factory=dict)  # row index -> prompt with a reference
     labelled: Optional[list[Labelled]] = None            # classification rows
+    pairs: Optional[list[Preference]] = None             # preference rows (reward model)
+    responses: Optional[list[Scored]] = None             # (prompt, response) rows to score (reward model)
+    has_scores: bool = False                             # the responses carry their own score
 
     @property
     def rows(self) -> int:
@@ -54,8 +59,22 @@ def load_eval_data(path: str | Path, task: str, limit: Optional[int] = None) -> 
         data.prompts = {i: p for i, (p, has) in enumerate(zip(prompts, explicit, strict=True)) if has}
     if CLASSIFICATION in data.passes:
         data.labelled = _load(path, fmt, "classification", limit)
-    data.origins = [r.origin for r in (data.scored or data.labelled or prompts)]
+    if PAIRS in data.passes:
+        data.pairs = _load(path, fmt, "preference", limit)
+    if REWARDS in data.passes:
+        data.has_scores = get_format(fmt).gives is Scored
+        data.responses = (_load(path, fmt, "scored", limit) if data.has_scores
+                          else [as_response(c) for c in _load(path, fmt, "sft", limit)])
+    data.origins = [r.origin for r in (data.scored or data.labelled or data.pairs or data.responses or prompts)]
     return data
+
+
+def as_response(record: Conversation) -> Scored:
+    """A conversation as the (prompt, response) a reward model scores: its final assistant
+    turn (every sft conversation ends in one) after all the turns before it. The score is
+    NaN: the row has none."""
+    messages = chat_messages(record)
+    return Scored(messages[:-1], messages[-1]["content"], float("nan"), record.origin)
 
 
 def detect_file_format(path: str | Path) -> str:

@@ -120,7 +120,8 @@ def class_labels(md: ModelDir) -> dict[int, str]:
     if config.get("id2label"):
         return {int(k): str(v) for k, v in config["id2label"].items()}
     if md.peft_type is None and config_file.is_file():
-        return {i: f"LABEL_{i}" for i in range(2)}
+        count = config.get("num_labels")
+        return {i: f"LABEL_{i}" for i in range(count if isinstance(count, int) and count > 0 else 2)}
     if md.peft_type is not None:
         heads = [shape[0] for name, shape in safetensors_shapes(md.path / "adapter_model.safetensors").items()
                  if name.endswith(("score.weight", "classifier.weight"))]

@@ -1,5 +1,7 @@
 """`rayft eval` and `rayft export` as a user runs them: real subprocesses on a tiny model
-from `init-model`, data from `data synth`, a LoRA run directory and a classifier."""
+from `init-model`, data from `data synth`, a LoRA run directory, a classifier, and reward
+models (a full one-output classifier and a SEQ_CLS LoRA run) checked against rewards
+computed here by direct forward passes."""
 
 import json
 import os
@@ -136,3 +138,125 @@ def test_eval_classifier_accuracy_f1_and_unknown_label(ws):
 def test_help_for_eval_and_export():
     for command in ("eval", "export"):
         assert "usage:" in rayft(command, "--help", cwd=ROOT).stdout
+
+
+@pytest.fixture(scope="module")
+def rm_ws(ws):
+    """models/rm (a full one-output classifier, id2label {0: "reward"}), runs/rm-lora (its
+    final/ a SEQ_CLS LoRA adapter on models/tiny with config.json beside it, as the reward
+    trainer saves it; the run config sets rm.center_coef), data/pairs.jsonl (addition_pref)
+    and data/scored.jsonl (each pair's sides, scored 1 and 0)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForSequenceClassification, LlamaForSequenceClassification
+
+    from trainers.data import write_synth
+    from trainers.models import load_tokenizer
+
+    tokenizer = load_tokenizer(ws / "models/tiny")
+    reward = {"num_labels": 1, "id2label": {0: "reward"}, "label2id": {"reward": 0}}
+    torch.manual_seed(1)
+    LlamaForSequenceClassification(AutoConfig.from_pretrained(ws / "models/tiny", **reward)).save_pretrained(
+        ws / "models/rm")
+    tokenizer.save_pretrained(ws / "models/rm")
+    model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(ws / "models/tiny", **reward),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "score" in name:
+                param.normal_(std=0.05)
+    final = ws / "runs/rm-lora/final"
+    model.save_pretrained(final)
+    model.config.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    (ws / "runs/rm-lora/config.yaml").write_text("name: rm-lora\nmethod: rm\ndata:\n  max_length: 128\n"
+                                                 "rm:\n  center_coef: 0.01\n")
+    pairs = [json.loads(line) for line in write_synth("addition_pref", 12, ws / "data/pairs.jsonl").open()]
+    scored = [{"prompt": p["prompt"], "response": p[side], "score": float(side == "chosen")}
+              for p in pairs for side in ("chosen", "rejected")]
+    (ws / "data/scored.jsonl").write_text("".join(json.dumps(row) + "\n" for row in scored))
+    return ws
+
+
+def load_rm(ws, target):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from trainers.models import load_tokenizer
+
+    if target == "models/rm":
+        return AutoModelForSequenceClassification.from_pretrained(ws / target).eval(), load_tokenizer(ws / target)
+    base = AutoModelForSequenceClassification.from_pretrained(ws / "models/tiny", num_labels=1)
+    final = ws / target / "final"
+    return PeftModel.from_pretrained(base, final).eval(), load_tokenizer(final)
+
+
+def direct_pair_rewards(ws, target, max_length):
+    """(chosen, rejected) rewards of data/pairs.jsonl, one unpadded sequence at a time."""
+    from trainers.data import load_records
+    from trainers.data.pairs import encode_pairs
+
+    model, tokenizer = load_rm(ws, target)
+    pairs, dropped = encode_pairs(load_records(ws / "data/pairs.jsonl", purpose="preference").records, tokenizer,
+                                  max_length, "right")
+    assert dropped == 0
+    with torch.no_grad():
+        sides = [[model(input_ids=torch.tensor([getattr(p, side).input_ids])).logits[0, 0].item() for p in pairs]
+                 for side in ("chosen", "rejected")]
+    return torch.tensor(sides[0]), torch.tensor(sides[1])
+
+
+@pytest.mark.parametrize("target, max_length, center_coef", [("models/rm", 512, 0.0), ("runs/rm-lora", 128, 0.01)])
+def test_eval_reward_model_on_pairs_matches_direct_rewards(rm_ws, target, max_length, center_coef):
+    from trainers.losses import pairwise_reward_loss
+
+    out = f"out/{target.replace('/', '_')}_pairs.jsonl"
+    report = json.loads(rayft("eval", target, "--data", "data/pairs.jsonl", "--json", "--batch-size", "5",
+                              "--out", out, cwd=rm_ws).stdout)
+    chosen, rejected = direct_pair_rewards(rm_ws, target, max_length)
+    assert report["task"] == "reward_model" and report["max_length"] == max_length
+    assert report["peft"] == (None if target == "models/rm" else "LORA")
+    assert (report["samples"], report["pairs"], report["dropped"]) == (12, 12, 0)
+    assert report["accuracy"] == pytest.approx((chosen > rejected).float().mean().item())
+    assert report["margin"] == pytest.approx((chosen - rejected).mean().item(), abs=1e-5)
+    assert report["chosen_reward"] == pytest.approx(chosen.mean().item(), abs=1e-5)
+    assert report["rejected_reward"] == pytest.approx(rejected.mean().item(), abs=1e-5)
+    # The run's rm.center_coef is part of the loss it reported, so eval takes it too.
+    expected_loss = pairwise_reward_loss(chosen, rejected, center_coef=center_coef).mean().item()
+    assert report["loss"] == pytest.approx(expected_loss, abs=1e-5)
+    rows = [json.loads(line) for line in (rm_ws / out).read_text().splitlines()]
+    assert [row["origin"] for row in rows] == [f"data/pairs.jsonl:{i}" for i in range(1, 13)]
+    assert [row["chosen_reward"] for row in rows] == pytest.approx(chosen.tolist(), abs=1e-5)
+    assert [row["rejected_reward"] for row in rows] == pytest.approx(rejected.tolist(), abs=1e-5)
+    assert [row["correct"] for row in rows] == (chosen > rejected).tolist()
+    assert {"prompt", "chosen", "rejected"} <= rows[0].keys()
+
+
+def test_eval_reward_adapter_scores_rows_like_a_direct_forward_pass(rm_ws):
+    from trainers.data import encode, load_records
+    from trainers.data.records import Conversation
+
+    proc = rayft("eval", "runs/rm-lora", "--data", "data/scored.jsonl", "--json", "--out", "out/scores.jsonl",
+                 cwd=rm_ws)
+    report = json.loads(proc.stdout)
+    rows = [json.loads(line) for line in (rm_ws / "out/scores.jsonl").read_text().splitlines()]
+    records = load_records(rm_ws / "data/scored.jsonl", purpose="scored").records
+    assert report["format"] == "scored" and report["scored"] == len(rows) == len(records) == 24
+    model, tokenizer = load_rm(rm_ws, "runs/rm-lora")
+    expected = []
+    for record in records:
+        messages = [*record.prompt_messages, {"role": "assistant", "content": record.response}]
+        ids = encode(Conversation(messages), tokenizer, 128).input_ids
+        with torch.no_grad():
+            expected.append(model(input_ids=torch.tensor([ids])).logits[0, 0].item())
+    assert all(torch.isfinite(torch.tensor([row["reward"] for row in rows])))
+    assert [row["reward"] for row in rows] == pytest.approx(expected, abs=1e-5)
+    assert [(row["response"], row["score"]) for row in rows] == [(r.response, r.score) for r in records]
+    scores = torch.tensor([r.score for r in records])
+    assert report["mse"] == pytest.approx(((torch.tensor(expected) - scores) ** 2).mean().item(), abs=1e-5)
+    assert report["mae"] == pytest.approx((torch.tensor(expected) - scores).abs().mean().item(), abs=1e-5)
+
+
+def test_eval_reward_model_on_the_wrong_kind_of_rows_exits_2(rm_ws):
+    (rm_ws / "data/labels.jsonl").write_text(json.dumps({"text": "good", "label": "positive"}) + "\n")
+    proc = rayft("eval", "models/rm", "--data", "data/labels.jsonl", cwd=rm_ws, check=False)
+    assert_one_line_error(proc, "reward model needs preference rows", "'classification'")
