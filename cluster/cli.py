@@ -112,6 +112,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-lora", action="store_true", help="merge the adapter into the base weights")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="batch-generate through the rollout engine pool",
+                       description="Generate responses for every prompt of a file on a pool of engine actors "
+                                   "(vLLM where installed, else transformers). A LoRA run is served as its base "
+                                   "plus the adapter. With --reward, every sample is scored and the best kept "
+                                   "(best-of-n). Writes one JSON line per prompt.",
+                       epilog="example: rayft generate runs/sft-lora --prompts data/addition.jsonl "
+                              "--out gen.jsonl --n 4 --reward exact_match")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="run directory (its final/ is used) or model directory")
+    p.add_argument("--prompts", required=True, metavar="FILE",
+                   help="prompts: prompt rows, or chat/alpaca rows whose last answer becomes the reference")
+    p.add_argument("--out", required=True, metavar="FILE", help="output JSONL")
+    p.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto", help="generation engine")
+    p.add_argument("--engines", type=int, default=1, metavar="N", help="engine actors in the pool")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="prompts per pool request")
+    p.add_argument("--reward", action="append", metavar="FN[=WEIGHT]",
+                   help="score samples and keep the best: exact_match, format, length_penalty, module:function, "
+                        "file.py:function or model:DIR; repeat to combine with weights")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
@@ -188,11 +212,24 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from cluster.generate import run_generate
+
+    if args.n < 1 or args.engines < 1:
+        raise UserError("--n and --engines must be >= 1")
+    run_generate(args.checkpoint, args.prompts, args.out, engine=args.engine, engines=args.engines, n=args.n,
+                 temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                 seed=args.seed, batch_size=args.batch_size, reward=args.reward)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from rollout.reward_rules import RewardError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except UserError as exc:
+    except (UserError, RewardError) as exc:
         print(f"rayft: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -29,6 +29,6 @@ class RolloutConfig:
     enable_lora: bool = opt(False, "Serve LoRA adapters (needed to sync a LoRA policy without merging).")
     max_lora_rank: int = opt(16, "Largest LoRA rank the engines accept.")
     max_retries: int = opt(2, "Times a failed engine's share of a batch is re-issued on a restarted engine.")
-    sync_bucket_mb: int = opt(256, "Size bound of each weight-sync message, MiB.")
+    sync_bucket_mb: int = opt(32, "Size bound of each weight-sync message, MiB (whole decoder layers stay together).")
     verify_sync: bool = opt(False, "After each sync, report the max |log-prob| difference engine vs trainer on a probe batch.")
     seed: int = opt(0, "Engine seed.")
