@@ -37,12 +37,15 @@ def run_generate(checkpoint: str, prompts_file: str, out_file: str, *, engine: s
                  seed: int = 0, batch_size: int = 64, reward: list[str] | None = None, echo=print) -> dict:
     base, adapter = serving_dirs(checkpoint, engine)
     records = load_records(prompts_file, purpose="prompt").records
-    ensure_ray()
     cfg = RolloutConfig(engine=engine, num_engines=engines, enable_lora=adapter is not None, seed=seed)
+    spec = reward_spec(reward) if reward else None
+    # The embedded cluster must offer every actor a CPU slot, or one waits forever.
+    ensure_ray(num_cpus=engines * cfg.cpus_per_engine + (spec.num_actors * spec.cpus_per_actor if spec else 0))
     from rollout.pool import RolloutPool
+    from rollout.reward_actor import start_reward_actors
 
     pool = RolloutPool(base, cfg, adapter_dir=adapter, use_gpu=cluster_has_gpus())
-    scorer = _reward_actors(reward) if reward else None
+    scorer = start_reward_actors(spec) if spec else None
     sampling = Sampling(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     out, tokens, started = Path(out_file), 0, time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -92,12 +95,6 @@ def reward_spec(specs: list[str]):
     spec = RewardSpec(rewards=terms).with_absolute_paths()
     spec.validate("--reward")
     return spec
-
-
-def _reward_actors(specs: list[str]) -> list:
-    from rollout.reward_actor import start_reward_actors
-
-    return start_reward_actors(reward_spec(specs))
 
 
 def _best_of(actors, record, group) -> dict:

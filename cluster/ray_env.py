@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 # Set before Ray starts so every worker process inherits them.
@@ -25,7 +26,7 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, verbos
         if address:
             ray.init(address=address, runtime_env=env, **kwargs)
         else:
-            cpus = max(os.cpu_count() or 1, int(num_cpus or 0))
+            cpus = max(os.cpu_count() or 1, math.ceil(num_cpus or 0))
             ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, **kwargs)
     return ray.cluster_resources()
 

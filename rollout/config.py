@@ -23,7 +23,7 @@ class RolloutConfig:
     tensor_parallel_size: int = opt(1, "GPUs per engine (vLLM tensor parallelism; GPU only).")
     cpus_per_engine: float = opt(1.0, "CPUs reserved per engine actor.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Engine weights dtype: auto = bfloat16 on GPU, float32 on CPU.")
-    max_model_len: int = opt(1024, "Longest prompt + response an engine handles.")
+    max_model_len: int = opt(0, "Longest prompt + response an engine handles; 0 = the model's own context length.")
     kv_cache_gb: float = opt(1.0, "KV-cache memory per engine on CPU, GiB (VLLM_CPU_KVCACHE_SPACE).")
     gpu_memory_utilization: float = opt(0.5, "Share of GPU memory an engine may take (GPU only).")
     enable_lora: bool = opt(False, "Serve LoRA adapters (needed to sync a LoRA policy without merging).")

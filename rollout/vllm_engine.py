@@ -60,7 +60,7 @@ class VLLMEngine:
         self.weight_names = checkpoint_names(model_dir)
         self.weight_groups = sync_groups(sorted(self.weight_names))
         kwargs = dict(
-            model=str(model_dir), seed=cfg.seed, max_model_len=cfg.max_model_len, trust_remote_code=False,
+            model=str(model_dir), seed=cfg.seed, max_model_len=cfg.max_model_len or None, trust_remote_code=False,
             worker_extension_cls="rollout.weight_sync.WeightSyncExtension", logprobs_mode="raw_logprobs",
             enable_lora=cfg.enable_lora, logits_processors=[f"{__name__}:ForceTokens"])
         if cfg.enable_lora:
