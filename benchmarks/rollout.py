@@ -56,7 +56,10 @@ def run(n_prompts: int, new_tokens: int, engines: int) -> dict:
     return {
         "settings": {"prompts": n_prompts, "new_tokens": new_tokens, "engines": engines, "model": "bench"},
         "rows": [{"metric": "generation tokens/s", "rayft": pool_rate, "reference": hf_rate,
-                  "reference_name": "transformers generate"}],
+                  "reference_name": "transformers generate"},
+                 # The sync's cost as a share of the rollout it precedes.
+                 {"metric": "full weight sync, s", "rayft": t_sync.seconds, "reference": t_pool.seconds,
+                  "reference_name": f"one {n_prompts}x{new_tokens} pool rollout, s"}],
         "weight_sync": {"seconds": t_sync.seconds, "engine_seconds": report.engine_seconds,
                         "megabytes": report.bytes / 2**20, "buckets": report.buckets},
         "raw": {"pool_seconds": t_pool.seconds, "pool_tokens": pool_tokens,

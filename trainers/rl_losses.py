@@ -1,0 +1,273 @@
+"""RL and distillation math as pure functions of tensors: KL estimators, masked
+statistics, advantage estimators (GAE, GRPO, RLOO, REINFORCE++), the PPO policy and
+value losses, token entropy and the distillation divergences (forward/reverse KL,
+generalized JSD). No models, no state: tensors in, tensors out.
+
+Conventions: B sequences of T response positions; `mask` is (B, T), bool or float,
+1 on the response tokens that count and 0 on padding (or on prompt positions).
+Logits are (B, T, V) and already aligned with the tokens they score. Group-wise
+estimators take rewards laid out prompt-major: the n samples of a prompt are contiguous.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+KL_KINDS = ("k1", "k2", "k3")
+AGGREGATIONS = ("token", "sequence")
+
+
+# -- masked statistics -----------------------------------------------------------------
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """sum(values * mask) / sum(mask) over `dim` (all entries when None); 0 where mask is empty."""
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1e-8)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1e-8)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, keep_mean: bool = False,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) with mean and population variance over masked entries only.
+
+    keep_mean=True adds the mean back (scale only). Unmasked entries come out as 0.
+    The statistics are the whole tensor's, so pass the whole batch, not a micro-batch.
+    """
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    whitened = (values - mean) * torch.rsqrt(variance + eps)
+    if keep_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(values.dtype)
+
+
+def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """'token': mean over every masked token of the batch (long answers weigh more);
+    'sequence': masked mean per sequence, then mean over sequences."""
+    if aggregation == "token":
+        return masked_mean(per_token, mask)
+    if aggregation == "sequence":
+        return masked_mean(per_token, mask, dim=-1).mean()
+    raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
+
+
+# -- KL penalty and per-token rewards --------------------------------------------------
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || ref) from log-probs of tokens sampled from the policy.
+
+    With d = logp - ref_logp (any shape, elementwise):
+      k1 = d                     unbiased, high variance, can be negative
+      k2 = d^2 / 2               biased, low variance, >= 0
+      k3 = exp(-d) - (-d) - 1    unbiased, low variance, >= 0 (Schulman, "Approximating KL")
+    """
+    log_ratio = logp - ref_logp
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio ** 2
+    if kind == "k3":
+        return torch.exp(-log_ratio) + log_ratio - 1
+    raise ValueError(f"unknown KL estimator {kind!r}; expected one of {KL_KINDS}")
+
+
+def _last_token_onehot(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) float, 1 at the last position where mask is set (none in an empty row)."""
+    mask = mask.to(torch.float32)
+    positions = torch.arange(mask.size(-1), device=mask.device, dtype=torch.float32)
+    last = (mask * (positions + 1)).argmax(-1)  # +1 so that position 0 beats an empty row
+    return F.one_hot(last, mask.size(-1)).to(mask.dtype) * mask
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards (B, T): -kl_coef * kl on every response token, plus the sequence
+    score (B,) on the last response token. Zero outside the mask."""
+    mask = mask.to(kl.dtype)
+    return -kl_coef * kl * mask + scores.to(kl.dtype).unsqueeze(-1) * _last_token_onehot(mask)
+
+
+# -- advantage estimators ----------------------------------------------------------------
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """G_t = r_t + gamma * G_{t'} where t' is the next masked position (0 after the last one).
+    rewards, mask: (B, T) -> (B, T), zero outside the mask. Unmasked positions are skipped,
+    so right padding adds nothing and holes (e.g. tool output between turns) are transparent."""
+    mask = mask.to(torch.bool)
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(-1))):
+        running = torch.where(mask[:, t], rewards[:, t] + gamma * running, running)
+        returns[:, t] = running
+    return returns * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation per token; returns (advantages, returns), both (B, T).
+
+      delta_t = r_t + gamma * V_{t'} - V_t            t' = the next masked position
+      A_t     = delta_t + gamma * lam * A_{t'}
+      R_t     = A_t + V_t                              (the critic's regression target)
+
+    rewards, values, mask: (B, T). V and A after the last masked token are 0 (the episode
+    ends there), so right padding, whatever it holds, changes nothing; unmasked positions
+    in between are skipped as in discounted_returns. Zero outside the mask.
+    """
+    mask = mask.to(torch.bool)
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_advantage = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.size(-1))):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = torch.where(mask[:, t], delta + gamma * lam * next_advantage, next_advantage)
+        next_value = torch.where(mask[:, t], values[:, t], next_value)
+        advantages[:, t] = next_advantage
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(num_prompts * n,) -> (num_prompts, n); the n samples of a prompt are contiguous."""
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"expected a flat reward vector of a multiple of {group_size} entries, "
+                         f"got shape {tuple(rewards.shape)}")
+    return rewards.view(-1, group_size)
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, scale: bool = True) -> torch.Tensor:
+    """Group-relative advantages (B,) = (r - mean_group) / (std_group + eps) with the
+    sample (n - 1) std, as TRL and verl do. scale=False: r - mean_group only (Dr. GRPO),
+    which does not up-weight prompts whose rewards barely vary."""
+    groups = _grouped(rewards, group_size)
+    centred = groups - groups.mean(-1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(-1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Leave-one-out advantages (B,): r_i - mean of the other n - 1 rewards of the group,
+    i.e. n / (n - 1) * (r_i - mean_group). Needs n >= 2."""
+    if group_size < 2:
+        raise ValueError("RLOO needs at least two samples per prompt")
+    groups = _grouped(rewards, group_size)
+    others_mean = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others_mean).reshape(-1)
+
+
+def reinforce_pp_advantages(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor, kl_coef: float,
+                            gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++ advantages (B, T), as OpenRLHF's `reinforce_plus_plus`: the discounted
+    returns of token_rewards(scores, kl, mask, kl_coef), whitened over every masked token
+    of the batch (population variance). Pass the whole rollout batch: the baseline is its mean."""
+    returns = discounted_returns(token_rewards(scores, kl, mask, kl_coef), mask, gamma)
+    return masked_whiten(returns, mask)
+
+
+def broadcast_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sequence-level advantages (B,) -> (B, T): the same value on every masked token."""
+    return advantages.unsqueeze(-1) * mask.to(advantages.dtype)
+
+
+# -- PPO losses ----------------------------------------------------------------------------
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    clip_eps: float, clip_eps_high: float | None = None,
+                    aggregation: str = "token") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate loss; all inputs (B, T).
+
+      ratio = exp(logp - old_logp)
+      loss_t = -min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps_high) * A)
+
+    clip_eps_high defaults to clip_eps (a larger one is DAPO's clip-higher). Aggregated by
+    `aggregation` ('token' or 'sequence'). Stats (detached scalars): clip_fraction = share of
+    masked tokens where the clipped term was the smaller one; approx_kl = masked mean of the
+    k3 estimate of KL(old || new).
+    """
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + high) * advantages
+    loss = _aggregate(-torch.minimum(unclipped, clipped), mask, aggregation)
+    with torch.no_grad():
+        stats = {"clip_fraction": masked_mean((clipped < unclipped).to(logp.dtype), mask),
+                 "approx_kl": masked_mean(kl_estimate(old_logp, logp, "k3"), mask)}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip_eps: float | None) -> torch.Tensor:
+    """Clipped critic loss, masked mean over tokens; inputs (B, T).
+
+      v_clip = old_v + clip(v - old_v, -clip_eps, clip_eps)
+      loss_t = 0.5 * max((v - R)^2, (v_clip - R)^2)      (clip_eps None: 0.5 * (v - R)^2)
+    """
+    loss = (values - returns) ** 2
+    if clip_eps is not None:
+        clipped_values = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+        loss = torch.maximum(loss, (clipped_values - returns) ** 2)
+    return 0.5 * masked_mean(loss, mask)
+
+
+def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean over tokens of H(p) = logsumexp(z) - sum_v p_v z_v, p = softmax(z); logits (B, T, V)."""
+    logits = logits.float()
+    entropy = torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
+    return masked_mean(entropy, mask)
+
+
+# -- distillation ----------------------------------------------------------------------------
+
+def _token_kl(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per position, summed over the vocabulary: sum_v p_v (log p_v - log q_v)."""
+    return (p_logprobs.exp() * (p_logprobs - q_logprobs)).sum(-1)
+
+
+def forward_kl_with_temperature(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                                temperature: float = 1.0) -> torch.Tensor:
+    """Hinton distillation: T^2 * KL(teacher_T || student_T), masked mean over tokens, with
+    x_T = softmax(logits / T). The T^2 keeps gradient magnitudes independent of T."""
+    student = F.log_softmax(student_logits.float() / temperature, -1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, -1)
+    return temperature ** 2 * masked_mean(_token_kl(teacher, student), mask)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(student || teacher) per token (mode-seeking), masked mean over tokens."""
+    student = F.log_softmax(student_logits.float(), -1)
+    teacher = F.log_softmax(teacher_logits.float(), -1)
+    return masked_mean(_token_kl(student, teacher), mask)
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                    beta: float = 0.5) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2023, Eq. 1) exactly as
+    TRL's `GKDTrainer.generalized_jsd_loss`, masked mean over tokens. With S = student,
+    T = teacher distributions:
+
+      0 < beta < 1:  M = beta * T + (1 - beta) * S
+                     JSD_beta = beta * KL(T || M) + (1 - beta) * KL(S || M)
+      beta == 0:     KL(T || S)   forward KL, the forward_kl_with_temperature loss at T = 1
+      beta == 1:     KL(S || T)   reverse KL, reverse_kl
+
+    The endpoints are special cases, not limits: the interior formula tends to 0 as beta
+    goes to 0 or 1 (JSD_beta ~ beta * KL(T || S) near 0), and by convexity of KL in its
+    second argument JSD_beta <= beta (1 - beta) (KL(T || S) + KL(S || T)) <= half the larger KL.
+    beta = 0.5 is the symmetric JSD.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    student = F.log_softmax(student_logits.float(), -1)
+    teacher = F.log_softmax(teacher_logits.float(), -1)
+    if beta == 0.0:
+        per_token = _token_kl(teacher, student)
+    elif beta == 1.0:
+        per_token = _token_kl(student, teacher)
+    else:
+        mixture = torch.logsumexp(torch.stack([teacher + math.log(beta), student + math.log(1 - beta)]), 0)
+        per_token = beta * _token_kl(teacher, mixture) + (1 - beta) * _token_kl(student, mixture)
+    return masked_mean(per_token, mask)
