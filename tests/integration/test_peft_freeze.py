@@ -73,3 +73,50 @@ def test_gradual_unfreezing_on_ddp(ray_cluster, tiny_model_dir, addition_data, t
     assert torch.equal(trained["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight", "lm_head.weight"):
         assert not torch.equal(trained[name], base[name]), name
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt", "ia3"])
+def test_other_peft_methods_train_save_reload(method, ray_cluster, tiny_base_dir, addition_data, tmp_path):
+    """Prefix tuning, prompt tuning and IA3 on 2 workers: training lowers eval loss, and the
+    saved adapter reloads in peft and reproduces the run's own final eval loss."""
+    from peft import AutoPeftModelForCausalLM
+
+    from trainers.config import DataConfig, DataSource
+    from trainers.data import build_datasets
+    from trainers.method import Method
+    from trainers.models import load_tokenizer
+
+    lr = {"prefix": 1e-2, "prompt": 3e-2, "ia3": 3e-2}[method]
+    cfg = _config(tmp_path, tiny_base_dir, addition_data, method, f"peft.method={method}",
+                  "peft.num_virtual_tokens=8", f"train.lr={lr}")
+    summary = run_training(cfg, echo=lambda *_: None)
+    assert summary["final_eval_loss"] < 0.9 * summary["first_eval_loss"], summary
+
+    model = AutoPeftModelForCausalLM.from_pretrained(str(cfg.run_dir / "final")).eval()
+    tokenizer = load_tokenizer(tiny_base_dir)
+    data = build_datasets(DataConfig(train=[DataSource(path=str(addition_data))], max_length=48, eval_fraction=0.05),
+                          tokenizer)
+    method_obj = Method(cfg, tokenizer, use_gpu=False)
+    batch = method_obj.collate(data.eval)
+    with torch.no_grad():
+        summed, count = method_obj.loss(model, batch)
+    assert float(summed / count) == pytest.approx(summary["final_eval_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("mode, extra, trained", [
+    ("last_layers", ["freeze.layers=1"], ("layers.1.", "model.norm.", "lm_head.")),
+    ("first_layers", ["freeze.layers=1"], ("layers.0.",)),
+    ("modules", ["freeze.modules=[lm_head]"], ("lm_head.",)),
+])
+def test_freezing_modes_on_two_workers(mode, extra, trained, ray_cluster, tiny_model_dir, addition_data, tmp_path):
+    """Frozen tensors in final/ are bit-identical to the start model; trained ones moved."""
+    cfg = _config(tmp_path, tiny_model_dir, addition_data, mode, f"freeze.mode={mode}", *extra,
+                  "train.max_steps=6", "train.eval_every=0", "train.lr=2e-3")
+    run_training(cfg, echo=lambda *_: None)
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    final = load_file(str(cfg.run_dir / "final" / "model.safetensors"))
+    for name, tensor in base.items():
+        if any(part in name for part in trained):
+            assert not torch.equal(final[name], tensor), f"{name} should have trained"
+        else:
+            assert torch.equal(final[name], tensor), f"{name} should be frozen"
