@@ -4,7 +4,6 @@ loop, follows its progress, then writes summary.json and report.html."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import time
@@ -17,22 +16,23 @@ from cluster.report import write_report
 from trainers.batching import plan_steps
 from trainers.data import build_datasets
 from trainers.errors import UserError
+from trainers.loop import method_worker
 from trainers.metrics import read_metrics
 from trainers.models import load_tokenizer
 
-# method -> (worker entry point, data purpose)
+# method -> (the Method class the workers run, data purpose)
 METHODS = {
-    "sft": ("trainers.sft:sft_worker", "sft"),
-    "cpt": ("trainers.sft:sft_worker", "sft"),
-    "classification": ("trainers.classify:classification_worker", "classification"),
-    "rm": ("trainers.reward:reward_worker", "preference"),
-    "dpo": ("trainers.dpo:dpo_worker", "preference"),
+    "sft": ("trainers.method:Method", "sft"),
+    "cpt": ("trainers.method:Method", "sft"),
+    "classification": ("trainers.classify:ClassificationMethod", "classification"),
+    "rm": ("trainers.reward:RewardMethod", "preference"),
+    "dpo": ("trainers.dpo:DPOMethod", "preference"),
 }
 
 
 def run_training(config: JobConfig, echo=print) -> dict:
     """Run `config` to completion on Ray; returns the summary written to summary.json."""
-    entry, purpose = METHODS[config.method]
+    method_class, purpose = METHODS[config.method]
     if config.method == "rm" and config.rm.objective == "regression":
         purpose = "scored"
     config = with_absolute_paths(config)
@@ -40,7 +40,7 @@ def run_training(config: JobConfig, echo=print) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code, config.data.chat_template)
     datasets = build_datasets(config.data, tokenizer, purpose=purpose)
-    _prepare(config, datasets, tokenizer)
+    method_kwargs = _prepare(config, datasets, tokenizer)
     _echo_data(datasets.stats, echo)
     _check_resume(config, run_dir, echo)
     plan = plan_steps(len(datasets.train), config.train.batch_size, config.train.grad_accum,
@@ -55,8 +55,9 @@ def run_training(config: JobConfig, echo=print) -> dict:
     ensure_ray(cluster.address, num_cpus=cluster.num_workers * cluster.cpus_per_worker)
     use_gpu = cluster.device == "cuda" or (cluster.device == "auto" and cluster_has_gpus())
     trainer = TorchTrainer(
-        _resolve(entry),
-        train_loop_config={"job": config, "datasets": ray.put(datasets), "use_gpu": use_gpu},
+        method_worker,
+        train_loop_config={"job": config, "datasets": ray.put(datasets), "use_gpu": use_gpu,
+                           "method": method_class, "method_kwargs": method_kwargs},
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cluster.cpus_per_worker}),
         run_config=RunConfig(name="checkpoints", storage_path=str(run_dir),
@@ -96,8 +97,9 @@ def summarise(config: JobConfig, run_dir: Path, wall_s: float, data_stats: dict,
     }
 
 
-def _prepare(config: JobConfig, datasets, tokenizer) -> None:
-    """Method-specific checks and encoding that must fail on the driver, not in a worker."""
+def _prepare(config: JobConfig, datasets, tokenizer) -> dict:
+    """Method-specific checks and encoding that must fail on the driver, not in a worker;
+    returns the extra arguments of the method's constructor."""
     if config.method == "cpt":
         not_raw = [s["path"] for s in datasets.stats["sources"] if s["format"] != "text"]
         if not_raw:
@@ -106,12 +108,13 @@ def _prepare(config: JobConfig, datasets, tokenizer) -> None:
     elif config.method == "classification":
         from trainers.classify import prepare_classification
 
-        prepare_classification(datasets, tokenizer, config.data)
+        return {"labels": prepare_classification(datasets, tokenizer, config.data)}
     elif config.method in ("rm", "dpo"):
         from trainers.reward import encode_preference_sets
 
         objective = config.rm.objective if config.method == "rm" else "pairwise"
         encode_preference_sets(datasets, tokenizer, config.data, objective)
+    return {}
 
 
 def _check_resume(config: JobConfig, run_dir: Path, echo) -> None:
@@ -146,11 +149,6 @@ def _echo_data(stats: dict, echo) -> None:
         echo(f"data: {src['path']} [{src['format']}] {src['rows']} rows{skipped}")
     echo(f"data: {stats.get('train_samples')} train / {stats.get('eval_samples')} eval samples, "
          f"{stats.get('truncated', 0)} truncated")
-
-
-def _resolve(entry: str):
-    module, _, name = entry.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def _finite(value) -> bool:

@@ -5,16 +5,14 @@ comes from the training data (sorted); eval reports loss, accuracy and macro-F1,
 
 from __future__ import annotations
 
-import ray
 import torch
 import torch.nn.functional as F
 
 from trainers.data.records import Example, Labelled
 from trainers.errors import DataError, UserError
-from trainers.loop import run_loop
 from trainers.method import Method
 from trainers.metrics import macro_f1
-from trainers.models import load_tokenizer, resolve_dtype
+from trainers.models import resolve_dtype
 
 
 def label_set(records: list[Labelled]) -> list[str]:
@@ -113,10 +111,3 @@ def prepare_classification(datasets, tokenizer, data_cfg):
     datasets.train, datasets.eval = encode(datasets.train), encode(datasets.eval)
     datasets.stats["labels"] = labels
     return labels
-
-
-def classification_worker(loop_config: dict) -> None:
-    job, datasets = loop_config["job"], ray.get(loop_config["datasets"])
-    tokenizer = load_tokenizer(job.model.path, job.model.trust_remote_code)
-    method = ClassificationMethod(job, tokenizer, loop_config.get("use_gpu", False), datasets.stats["labels"])
-    run_loop(job, datasets, method)

@@ -6,13 +6,10 @@ Reference log-probs are computed once per pair and cached (`dpo.precompute_ref`)
 
 from __future__ import annotations
 
-import ray
 import torch
 
-from trainers.loop import run_loop
 from trainers.losses import dpo_loss, sequence_logps
 from trainers.method import Method
-from trainers.models import load_tokenizer
 from trainers.reward import RewardMethod, pair_batch
 
 
@@ -103,9 +100,3 @@ class DPOMethod(Method):
         return {"eval_loss": sums["loss"] / n, "eval_reward_accuracy": sums["correct"] / n,
                 "eval_chosen_reward": chosen, "eval_rejected_reward": rejected, "eval_reward_margin": chosen - rejected,
                 "eval_chosen_logps": sums["chosen_logps"] / n, "eval_rejected_logps": sums["rejected_logps"] / n}
-
-
-def dpo_worker(loop_config: dict) -> None:
-    job = loop_config["job"]
-    tokenizer = load_tokenizer(job.model.path, job.model.trust_remote_code, job.data.chat_template)
-    run_loop(job, ray.get(loop_config["datasets"]), DPOMethod(job, tokenizer, loop_config.get("use_gpu", False)))

@@ -74,6 +74,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def method_worker(loop_config: dict) -> None:
+    """Ray Train entry point of every supervised method. `loop_config` holds the job config,
+    the dataset ref, the method class ("module:Class") and any extra arguments the driver
+    derived from the data (e.g. the label set)."""
+    import importlib
+
+    from trainers.models import load_tokenizer
+
+    job = loop_config["job"]
+    module, _, name = loop_config["method"].partition(":")
+    method_cls = getattr(importlib.import_module(module), name)
+    tokenizer = load_tokenizer(job.model.path, job.model.trust_remote_code, job.data.chat_template)
+    method = method_cls(job, tokenizer, loop_config.get("use_gpu", False), **loop_config.get("method_kwargs", {}))
+    run_loop(job, ray.get(loop_config["datasets"]), method)
+
+
 def run_loop(job, datasets, method, hooks: Hooks | None = None) -> None:
     """Train `method.build_model()` on `datasets.train`; see the module docstring."""
     hooks = hooks or method.hooks()

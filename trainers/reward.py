@@ -6,17 +6,14 @@ mean squared and absolute error (regression). `final/` loads with
 
 from __future__ import annotations
 
-import ray
 import torch
 import torch.nn.functional as F
 
 from trainers.classify import load_sequence_classifier
 from trainers.data import collate
 from trainers.data.pairs import PairExample
-from trainers.loop import run_loop
 from trainers.losses import pairwise_reward_loss
 from trainers.method import Method
-from trainers.models import load_tokenizer
 
 
 def pair_batch(pairs: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -103,9 +100,3 @@ def encode_preference_sets(datasets, tokenizer, data_cfg, objective: str) -> Non
         dropped += lost
     datasets.stats.update(train_samples=len(datasets.train), eval_samples=len(datasets.eval),
                           dropped_no_response=dropped)
-
-
-def reward_worker(loop_config: dict) -> None:
-    job = loop_config["job"]
-    tokenizer = load_tokenizer(job.model.path, job.model.trust_remote_code, job.data.chat_template)
-    run_loop(job, ray.get(loop_config["datasets"]), RewardMethod(job, tokenizer, loop_config.get("use_gpu", False)))
