@@ -1,6 +1,7 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 full fine-tuning on 2 Ray CPU workers: eval loss falls, the
-sharded checkpoints are resumable DeepSpeed checkpoints, and final/ holds the full
-consolidated weights (equal to an independent consolidation of the last checkpoint)."""
+"""DeepSpeed ZeRO-1 (optimizer state offloaded to CPU memory), ZeRO-2 and ZeRO-3 full
+fine-tuning on 2 Ray CPU workers: eval loss falls, the sharded checkpoints are resumable
+DeepSpeed checkpoints, and final/ holds the full consolidated weights (equal to an
+independent consolidation of the last checkpoint)."""
 
 import pytest
 import torch
@@ -9,8 +10,8 @@ from cluster.config import load_config
 from cluster.train import run_training
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_full_finetune(stage, ray_cluster, tiny_model_dir, addition_data, tmp_path):
+@pytest.mark.parametrize("stage, extra", [(1, ["cluster.offload_optimizer=true"]), (2, []), (3, [])])
+def test_zero_full_finetune(stage, extra, ray_cluster, tiny_model_dir, addition_data, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForCausalLM
 
@@ -18,7 +19,7 @@ def test_zero_full_finetune(stage, ray_cluster, tiny_model_dir, addition_data, t
         f"model.path={tiny_model_dir}", f"data.train=[{addition_data}]", "data.max_length=48",
         f"output_dir={tmp_path}", f"name=zero{stage}", "train.batch_size=8", "train.max_steps=16",
         "train.eval_every=8", "train.save_every=8", "train.lr=2e-3", f"cluster.strategy=zero{stage}",
-        "cluster.num_workers=2"])
+        "cluster.num_workers=2", *extra])
     summary = run_training(cfg, echo=lambda *_: None)
     assert summary["final_eval_loss"] < 0.7 * summary["first_eval_loss"], summary
 
