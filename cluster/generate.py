@@ -19,7 +19,7 @@ from trainers.data import load_records
 from trainers.errors import UserError
 
 
-def serving_dirs(checkpoint: str, engine: str) -> tuple[str, str | None]:
+def serving_dirs(checkpoint: str) -> tuple[str, str | None]:
     """(base model dir, LoRA adapter dir or None) for a run or model directory."""
     model = inspect_model(checkpoint)
     if model.task != CAUSAL_LM:
@@ -35,7 +35,7 @@ def serving_dirs(checkpoint: str, engine: str) -> tuple[str, str | None]:
 def run_generate(checkpoint: str, prompts_file: str, out_file: str, *, engine: str = "auto", engines: int = 1,
                  n: int = 1, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128,
                  seed: int = 0, batch_size: int = 64, reward: list[str] | None = None, echo=print) -> dict:
-    base, adapter = serving_dirs(checkpoint, engine)
+    base, adapter = serving_dirs(checkpoint)
     records = load_records(prompts_file, purpose="prompt").records
     cfg = RolloutConfig(engine=engine, num_engines=engines, enable_lora=adapter is not None, seed=seed)
     spec = reward_spec(reward) if reward else None

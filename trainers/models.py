@@ -161,8 +161,9 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False, chat_templ
 
 
 def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
-                   attn_implementation: str = "sdpa"):
-    """Load a causal LM from safetensors weights only (a .bin-only directory is refused)."""
+                   attn_implementation: str = "sdpa", **load_kwargs):
+    """Load a causal LM from safetensors weights only (a .bin-only directory is refused);
+    `load_kwargs` go to `from_pretrained` (e.g. a quantization config and device map)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -171,7 +172,7 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: 
         raise UserError(f"{path}: no *.safetensors weights (pickle checkpoints are not loaded)")
     return AutoModelForCausalLM.from_pretrained(
         str(path), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
-        use_safetensors=True, attn_implementation=attn_implementation)
+        use_safetensors=True, attn_implementation=attn_implementation, **load_kwargs)
 
 
 def resolve_dtype(dtype: str, use_gpu: bool) -> str:

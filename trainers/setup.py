@@ -90,14 +90,12 @@ def _load_4bit(model_cfg):
     reached with CUDA and bitsandbytes present: `PeftConfig.validate` refuses qlora elsewhere.
     Not exercised on the CPU machines this was written on."""
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_cfg.path, quantization_config=quant, dtype=torch.bfloat16, use_safetensors=True,
-        trust_remote_code=model_cfg.trust_remote_code, attn_implementation=model_cfg.attn_implementation,
-        device_map={"": torch.cuda.current_device()})
+    model = load_causal_lm(model_cfg.path, "bfloat16", model_cfg.trust_remote_code, model_cfg.attn_implementation,
+                           quantization_config=quant, device_map={"": torch.cuda.current_device()})
     # Freezes the 4-bit base, casts norms and embeddings to float32 for stable training,
     # and turns on gradient checkpointing when configured.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=model_cfg.gradient_checkpointing,
