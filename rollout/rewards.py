@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from rollout.engine import Generation, Messages
+from rollout.inputs import load_tokenizer
 from rollout.reward_rules import RewardError, builtin_name, resolve_rule
 
 __all__ = ["RewardError", "RewardItem", "RewardResult", "RewardTerm", "RewardSpec", "Rewards",
@@ -220,7 +221,7 @@ def load_reward_model(ref: str, dtype: str = "float32", device: str = "cpu"):
     sequence-classification model, or a peft SEQ_CLS adapter over its base. Weights from
     safetensors only; no model code is run."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging
 
     path = _resolve_model_dir(ref, Path(ref[len(MODEL_PREFIX):]).expanduser())
@@ -253,7 +254,7 @@ def load_reward_model(ref: str, dtype: str = "float32", device: str = "cpu"):
     if adapter:  # the base's lm_head is unused and the adapter brings the head: the load report is noise
         logging.set_verbosity_error()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
+        tokenizer = load_tokenizer(tokenizer_dir)  # the engines' loader: pad falls back to eos
         model = AutoModelForSequenceClassification.from_pretrained(
             str(weights_dir), num_labels=1, dtype=getattr(torch, dtype), use_safetensors=True,
             trust_remote_code=False)
@@ -266,8 +267,6 @@ def load_reward_model(ref: str, dtype: str = "float32", device: str = "cpu"):
                           reward=ref) from exc
     finally:
         logging.set_verbosity(verbosity)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         # The head reads the last non-pad token, so it must know the pad id to batch.
         model.config.pad_token_id = tokenizer.pad_token_id
