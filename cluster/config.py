@@ -16,7 +16,14 @@ import yaml
 
 from trainers.config import (DataConfig, DPOConfig, FreezeConfig, ModelConfig, PeftConfig, RewardConfig, TrainConfig,
                               opt)
+from rollout.config import RolloutConfig
+from rollout.rewards import RewardSpec
 from trainers.errors import ConfigError, UserError
+from trainers.rl.config import AlgoConfig, DistillConfig
+
+# Methods whose sampled responses are scored by rewards.
+REWARD_METHODS = ("ppo", "grpo")
+
 
 @dataclass
 class ClusterConfig:
@@ -44,10 +51,12 @@ class ClusterConfig:
 
 @dataclass
 class JobConfig:
-    method: Literal["sft", "cpt", "classification", "rm", "dpo"] = opt(
+    method: Literal["sft", "cpt", "classification", "rm", "dpo", "ppo", "grpo", "distill"] = opt(
         "sft", "sft: loss on assistant turns (or every token of raw text); cpt: continued pre-training "
                "on raw text; classification: a sequence-classification head on text/label data; rm: a "
-               "reward model from preference pairs or scores; dpo: direct preference optimisation.")
+               "reward model from preference pairs or scores; dpo: direct preference optimisation; ppo: "
+               "PPO with a value head against rewards; grpo: critic-free RL (GRPO, RLOO, REINFORCE++); "
+               "distill: knowledge distillation from a teacher (offline or on-policy).")
     name: str = opt("", "Run name; the run directory is output_dir/name (default: the config file's stem).")
     output_dir: str = opt("runs", "Parent directory of run directories.")
     model: ModelConfig = opt(ModelConfig, "The model to start from.")
@@ -57,6 +66,10 @@ class JobConfig:
     train: TrainConfig = opt(TrainConfig, "Optimisation and schedule.")
     rm: RewardConfig = opt(RewardConfig, "Reward-model objective (method rm).")
     dpo: DPOConfig = opt(DPOConfig, "DPO loss and reference model (method dpo).")
+    algo: AlgoConfig = opt(AlgoConfig, "RL rollout batch and objective (methods ppo, grpo; distill on_policy).")
+    distill: DistillConfig = opt(DistillConfig, "Teacher and divergence (method distill).")
+    rollout: RolloutConfig = opt(RolloutConfig, "Rollout engine pool (methods ppo, grpo; distill on_policy).")
+    rewards: RewardSpec = opt(RewardSpec, "Rewards of the sampled responses (methods ppo, grpo).")
     cluster: ClusterConfig = opt(ClusterConfig, "Ray cluster and distributed strategy.")
 
     @property
@@ -66,6 +79,8 @@ class JobConfig:
     def validate(self, section: str = "") -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "rewards" and self.method not in REWARD_METHODS:
+                continue  # no rewards needed, so none required
             if dataclasses.is_dataclass(value) and hasattr(value, "validate"):
                 value.validate(f.name)
         if not self.name or "/" in self.name or self.name in (".", ".."):
@@ -89,6 +104,21 @@ class JobConfig:
             raise ConfigError("dpo.reference", "adapter_disabled needs a PEFT method (peft.method)")
         if peft == "qlora" and self.method in ("classification", "rm"):
             raise ConfigError("peft.method", "qlora is not supported for method classification")
+        if self.method == "distill" and not self.distill.teacher:
+            raise ConfigError("distill.teacher", "method distill needs a teacher model directory")
+        if self.uses_rollouts:
+            if peft not in ("none", "lora"):
+                raise ConfigError("peft.method", f"method {self.method} syncs weights to the rollout engines, "
+                                                  f"which serve full weights or LoRA; got {peft}")
+            if self.data.packing:
+                raise ConfigError("data.packing", f"does not apply to method {self.method} (prompts are not packed)")
+            if self.algo.reference == "adapter_disabled" and peft == "none":
+                raise ConfigError("algo.reference", "adapter_disabled needs a PEFT method (peft.method)")
+
+    @property
+    def uses_rollouts(self) -> bool:
+        """True when the run samples from the rollout pool."""
+        return self.method in ("ppo", "grpo") or (self.method == "distill" and self.distill.mode == "on_policy")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), default_name: str = "") -> JobConfig:
@@ -149,6 +179,8 @@ def with_absolute_paths(config: JobConfig) -> JobConfig:
     config.model.path = absolute(config.model.path)
     for source in (*config.data.train, *config.data.eval):
         source.path = absolute(source.path)
+    config.distill.teacher = absolute(config.distill.teacher)
+    config.rewards = config.rewards.with_absolute_paths()
     return config
 
 

@@ -1,0 +1,90 @@
+"""Typed config of the RL and distillation methods: `algo` (rollout batch, PPO / GRPO
+objective, KL to the reference) and `distill` (teacher, divergence, offline or on-policy)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rollout.config import opt
+from trainers.errors import ConfigError
+
+
+@dataclass
+class AlgoConfig:
+    prompts_per_step: int = opt(8, "Prompts each worker draws per RL step (the rollout batch is this x samples_per_prompt).")
+    samples_per_prompt: int = opt(4, "Responses sampled per prompt (the group of GRPO / RLOO; 1 is usual for PPO).")
+    max_new_tokens: int = opt(32, "Longest sampled response, tokens.")
+    temperature: float = opt(1.0, "Sampling temperature of the rollouts.")
+    top_p: float = opt(1.0, "Nucleus sampling of the rollouts.")
+    estimator: Literal["grpo", "rloo", "reinforce_pp"] = opt(
+        "grpo", "method grpo: the baseline. grpo: group mean / std; rloo: mean of the other samples of the "
+                "prompt; reinforce_pp: batch-whitened returns with the KL as a per-token reward (REINFORCE++).")
+    ppo_epochs: int = opt(1, "Passes over each rollout batch.")
+    mini_batches: int = opt(1, "Optimizer steps per pass: the rollout batch is split into this many mini-batches.")
+    clip_eps: float = opt(0.2, "PPO ratio clip: the update is clipped outside [1 - clip_eps, 1 + clip_eps_high].")
+    clip_eps_high: float = opt(0.0, "Upper clip (clip-higher); 0 = clip_eps.")
+    aggregation: Literal["token", "sequence"] = opt(
+        "token", "Loss aggregation: token = mean over every response token of the mini-batch; sequence = mean "
+                 "per response, then over responses (each response weighs the same).")
+    kl_coef: float = opt(0.0, "Weight of the KL to the reference model; 0 = no reference model at all.")
+    kl_estimator: Literal["k1", "k2", "k3"] = opt("k1", "KL estimator per token: k1 log-ratio, k2 half squared log-ratio, k3 the low-variance unbiased one.")
+    kl_in: Literal["reward", "loss"] = opt(
+        "reward", "reward: subtract kl_coef * KL from the per-token reward (PPO, REINFORCE++); "
+                  "loss: add kl_coef * KL to the loss (GRPO's way).")
+    kl_target: float = opt(0.0, "Adaptive KL: steer the coefficient so the KL stays near this (0 = fixed coefficient).")
+    kl_horizon: int = opt(10000, "Adaptive KL: responses over which the coefficient adapts.")
+    reference: Literal["auto", "copy", "adapter_disabled"] = opt(
+        "auto", "Reference model: a frozen copy of the start model, or (with LoRA) the base with the adapter "
+                "disabled; auto picks the latter with a PEFT method.")
+    gamma: float = opt(1.0, "PPO: discount of the GAE returns.")
+    lam: float = opt(0.95, "PPO: GAE lambda.")
+    vf_coef: float = opt(0.5, "PPO: weight of the value loss.")
+    value_clip: float = opt(0.2, "PPO: clip of the value update around the rollout's values; 0 = unclipped.")
+    whiten_advantages: bool = opt(True, "PPO: whiten the advantages over the rollout batch.")
+    entropy_coef: float = opt(0.0, "Weight of the entropy bonus (higher keeps sampling diverse).")
+    eval_prompts: int = opt(64, "Held-out prompts (data.eval) scored greedily at each evaluation; 0 = all.")
+
+    def validate(self, section: str) -> None:
+        for key in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs", "mini_batches",
+                    "kl_horizon"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{section}.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"{section}.temperature", f"must be > 0 for sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{section}.top_p", f"must be in (0, 1], got {self.top_p}")
+        for key in ("clip_eps", "clip_eps_high", "kl_coef", "kl_target", "vf_coef", "value_clip", "entropy_coef"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{section}.{key}", f"must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ConfigError(f"{section}.gamma" if not 0 <= self.gamma <= 1 else f"{section}.lam", "must be in [0, 1]")
+        if self.eval_prompts < 0:
+            raise ConfigError(f"{section}.eval_prompts", f"must be >= 0, got {self.eval_prompts}")
+
+
+@dataclass
+class DistillConfig:
+    mode: Literal["offline", "on_policy"] = opt(
+        "offline", "offline: the teacher's soft labels on the SFT data (data.train), mixed with the CE loss; "
+                   "on_policy: the student samples responses from the rollout pool and learns the teacher's "
+                   "distribution on them.")
+    teacher: str = opt("", "Teacher model directory (a model or run directory with the student's tokenizer).")
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = opt(
+        "forward_kl", "Divergence per token: forward_kl KL(teacher || student) (offline's classic), reverse_kl "
+                      "KL(student || teacher) (mode seeking), jsd the generalised JSD with `beta`.")
+    temperature: float = opt(1.0, "Softening temperature of both distributions (the loss is scaled by T^2 as in Hinton et al.).")
+    ce_weight: float = opt(0.5, "offline: weight of the hard-label CE loss; the divergence gets 1 - ce_weight.")
+    beta: float = opt(0.5, "jsd: interpolation weight; 0 = forward KL, 1 = reverse KL.")
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Teacher weights dtype.")
+    cpus_per_teacher: float = opt(1.0, "on_policy: CPUs reserved for the teacher actor.")
+
+    def validate(self, section: str) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"{section}.temperature", f"must be > 0, got {self.temperature}")
+        if not 0 <= self.ce_weight <= 1:
+            raise ConfigError(f"{section}.ce_weight", f"must be in [0, 1], got {self.ce_weight}")
+        if not 0 <= self.beta <= 1:
+            raise ConfigError(f"{section}.beta", f"must be in [0, 1], got {self.beta}")
+        if self.cpus_per_teacher <= 0:
+            raise ConfigError(f"{section}.cpus_per_teacher", f"must be > 0, got {self.cpus_per_teacher}")
