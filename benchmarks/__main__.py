@@ -2,7 +2,7 @@
 
 import sys
 
-WORKLOADS = {"rollout": "benchmarks.rollout"}
+WORKLOADS = {"rollout": "benchmarks.rollout", "grpo": "benchmarks.grpo"}
 
 
 def main() -> None:

@@ -1,0 +1,280 @@
+"""GRPO training speed: rayft's `grpo` method (a Ray Train worker, a vLLM engine actor and
+a reward actor) against TRL's `GRPOTrainer` (transformers `generate` in one process), on
+the same local model, prompts, reward and settings, as steady-state steps per minute.
+
+    python -m benchmarks grpo [--preset tiny] [--steps 100] [--warmup 2] [--prompts 8]
+                              [--samples 4] [--new-tokens 32] [--reference-only]
+
+One step on both sides: draw `prompts` chat prompts of the synthetic task, sample
+`samples` responses each (temperature 1, at most `new-tokens` tokens), score them with
+exact match against the row's reference, group-normalise the rewards (GRPO), and take one
+optimizer step on all of them (no KL term, no reference model, one pass).
+
+Steady state, the same for both: the steps after step `warmup` divided by the wall time
+from the end of step `warmup` to the end of the last step. It leaves out model loading,
+Ray and engine start-up and the first steps' one-off costs (vLLM's warm-up, allocator
+growth); the wall time with all of that is reported beside it.
+rayft's step ends are the moments its step rows appear in the run's metrics.jsonl
+(polled every 20 ms); TRL's come from a trainer callback's `on_step_end`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks.common import CACHE, Timer, bench_model, update_performance_doc, write_result
+
+# What the two sides do differently although the settings match.
+DIFFERENCES = [
+    "rayft scores the sampled responses under the sampling policy in a no-grad forward pass before "
+    "the update, even with one pass; TRL with num_iterations=1 skips it (its importance ratio is exactly 1)",
+    "rayft samples with vLLM in an engine actor and pushes the new weights to it every step; TRL calls "
+    "transformers generate in the training process, where the weights already are",
+    "rayft's training worker, engine and reward actor each reserve 1 CPU (their torch runs on that share); "
+    "TRL's one process runs torch on every core",
+    "TRL loss_type dapo (token losses averaged over every response token of the batch) is rayft's "
+    "aggregation token with one mini-batch",
+]
+
+
+@dataclass
+class Settings:
+    preset: str = "tiny"           # trainers.models preset of the policy
+    pretrain_steps: int = 200      # so the policy writes short answers and stops at end of turn
+    task: str = "addition"         # trainers.data.synth task of the prompts
+    steps: int = 100               # measured steps (after the warm-up)
+    warmup: int = 2                # steps left out of the steady-state time
+    prompts: int = 8               # prompts per step
+    samples: int = 4               # responses per prompt (the GRPO group)
+    new_tokens: int = 32           # longest response
+    temperature: float = 1.0
+    lr: float = 1e-5
+    seed: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup + self.steps
+
+
+def steady_rate(step_ends: dict[int, float], warmup: int, total: int) -> float:
+    """Steps per minute between the end of step `warmup` and the end of step `total`
+    (`step_ends`: step number -> the time it ended, in seconds)."""
+    missing = [s for s in (warmup, total) if s not in step_ends]
+    if missing:
+        raise RuntimeError(f"no end time for step {missing[0]} (seen: {sorted(step_ends)})")
+    return 60.0 * (total - warmup) / (step_ends[total] - step_ends[warmup])
+
+
+def step_seconds(step_ends: dict[int, float]) -> list[float]:
+    """Each step's duration after the first (for reading how steady the steady state was)."""
+    steps = sorted(step_ends)
+    return [round(step_ends[b] - step_ends[a], 3) for a, b in zip(steps, steps[1:])]
+
+
+def mean(values) -> float | None:
+    values = [float(v) for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def trl_reward(completions, reference, **_) -> list[float]:
+    """rayft's built-in exact_match in TRL's reward signature (conversational completions)."""
+    from rollout.reward_rules import exact_match
+
+    return [exact_match("", c[-1]["content"], ref, {}) for c, ref in zip(completions, reference)]
+
+
+def run_reference(model_dir: Path, rows: list[dict], s: Settings, workdir: Path) -> dict:
+    """TRL's GRPOTrainer on CPU with transformers generation, matched to rayft's step."""
+    import warnings
+
+    import torch
+    from datasets import Dataset
+    from transformers import PrinterCallback, TrainerCallback
+
+    with warnings.catch_warnings():  # TRL warns about the vLLM version even when it does not use vLLM
+        warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
+        import trl
+        from trl import GRPOConfig, GRPOTrainer
+
+    from trainers.models import load_causal_lm, load_tokenizer
+
+    dataset = Dataset.from_list([{"prompt": row["messages"][:1], "reference": row["reference"]} for row in rows])
+    ends: dict[int, float] = {}
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends[state.global_step] = time.perf_counter()
+
+    args = GRPOConfig(
+        output_dir=str(workdir / "trl"), max_steps=s.total_steps, seed=s.seed,
+        # One generation batch per optimizer step: P prompts x G samples, one pass, no accumulation.
+        per_device_train_batch_size=s.prompts * s.samples, gradient_accumulation_steps=1, num_iterations=1,
+        num_generations=s.samples, max_completion_length=s.new_tokens, temperature=s.temperature,
+        top_p=1.0, top_k=0,
+        learning_rate=s.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        beta=0.0, epsilon=0.2, scale_rewards="group", loss_type="dapo",  # dapo: mean over every response token
+        # TRL's own defaults (bf16, gradient checkpointing) differ from rayft's CPU defaults.
+        bf16=False, gradient_checkpointing=False, use_cpu=True, use_vllm=False,
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=load_causal_lm(model_dir), reward_funcs=trl_reward, args=args,
+                          train_dataset=dataset, processing_class=load_tokenizer(model_dir),
+                          callbacks=[StepClock()])
+    trainer.remove_callback(PrinterCallback)  # one printed dict per step otherwise
+    with Timer() as wall:
+        trainer.train()
+    measured = [h for h in trainer.state.log_history if s.warmup < h.get("step", 0) and "reward" in h]
+    return {"steps_per_min": steady_rate(ends, s.warmup, s.total_steps), "wall_s": wall.seconds,
+            "step_seconds": step_seconds(ends),
+            "mean_reward": mean(h["reward"] for h in measured),
+            "mean_response_tokens": mean(h.get("completions/mean_length") for h in measured),
+            "mean_step_time_s": mean(h.get("step_time") for h in measured), "load_avg": os.getloadavg(),
+            "trl": trl.__version__, "generation": "transformers generate (use_vllm=False)",
+            "torch_threads": torch.get_num_threads(), "loss_type": args.loss_type}
+
+
+class MetricsWatcher(threading.Thread):
+    """Notes when each step row first appears in a growing metrics.jsonl."""
+
+    def __init__(self, path: Path, interval: float = 0.02):
+        super().__init__(daemon=True)
+        self.path, self.interval, self.ends = path, interval, {}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            self.poll()
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        now = time.perf_counter()
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line being written
+                continue
+            if "event" not in row and row.get("step", 0) > 0:
+                self.ends.setdefault(row["step"], now)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+        self.poll()
+
+
+def rayft_config(model_dir: Path, data_path: Path, s: Settings, workdir: Path):
+    from cluster.config import JobConfig, from_dict
+
+    config = from_dict(JobConfig, {
+        "method": "grpo", "name": "grpo-bench", "output_dir": str(workdir / "runs"),
+        "model": {"path": str(model_dir)},
+        "data": {"train": [str(data_path)], "eval_fraction": 0.0},
+        "algo": {"prompts_per_step": s.prompts, "samples_per_prompt": s.samples, "max_new_tokens": s.new_tokens,
+                 "temperature": s.temperature, "top_p": 1.0, "estimator": "grpo", "kl_coef": 0.0,
+                 "ppo_epochs": 1, "mini_batches": 1, "clip_eps": 0.2, "aggregation": "token"},
+        "rollout": {"engine": "vllm", "num_engines": 1},
+        "rewards": {"rewards": [{"fn": "exact_match"}]},
+        "train": {"max_steps": s.total_steps, "lr": s.lr, "scheduler": "constant", "warmup_ratio": 0.0,
+                  "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": s.seed, "log_every": 1, "eval_every": 0},
+        "cluster": {"num_workers": 1, "device": "cpu"},
+    })
+    config.validate()
+    return config
+
+
+def run_rayft(model_dir: Path, data_path: Path, s: Settings, workdir: Path) -> dict:
+    """rayft's grpo method, one training worker and one vLLM engine."""
+    import ray
+
+    from cluster.train import run_training
+
+    config = rayft_config(model_dir, data_path, s, workdir)
+    watcher = MetricsWatcher(config.run_dir / "metrics.jsonl")
+    watcher.start()
+    try:
+        with Timer() as wall:
+            summary = run_training(config, echo=lambda *_: None)
+    finally:
+        watcher.stop()
+        ray.shutdown()
+    rows = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    measured = [r for r in rows if "event" not in r and r.get("step", 0) > s.warmup]
+    phases = {key: mean(r.get(key) for r in measured)
+              for key in ("generate_s", "score_s", "train_s", "sync_s", "step_s")}
+    return {"steps_per_min": steady_rate(watcher.ends, s.warmup, s.total_steps), "wall_s": wall.seconds,
+            "step_seconds": step_seconds(watcher.ends),
+            "mean_reward": mean(r.get("reward_mean") for r in measured),
+            "mean_response_tokens": mean(r.get("response_length") for r in measured),
+            "mean_phase_s": phases, "summary_wall_s": summary.get("wall_time_s"), "load_avg": os.getloadavg()}
+
+
+def rayft_has_grpo() -> bool:
+    import cluster.train
+
+    return "grpo" in (*cluster.train.METHODS, *getattr(cluster.train, "RL_METHODS", ()))
+
+
+def prepare(s: Settings, workdir: Path) -> tuple[Path, Path, list[dict]]:
+    """The policy (cached across runs) and the prompt file both sides train on."""
+    from trainers.data.synth import synth_rows
+
+    model_dir = bench_model(s.preset, s.pretrain_steps)
+    rows = synth_rows(s.task, max(256, s.total_steps * s.prompts), seed=s.seed)
+    data_path = workdir / f"{s.task}.jsonl"
+    data_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return model_dir, data_path, rows
+
+
+def run(s: Settings, reference_only: bool = False) -> dict:
+    if not reference_only and not rayft_has_grpo():
+        raise SystemExit("rayft has no grpo method to benchmark yet (cluster.train); "
+                         "use --reference-only to time TRL alone")
+    load = os.getloadavg()[0]
+    if load > (os.cpu_count() or 1):
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} cores; both sides' timings will be noisy")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="grpo-", dir=CACHE) as tmp:
+        workdir = Path(tmp)
+        model_dir, data_path, rows = prepare(s, workdir)
+        rayft = None if reference_only else run_rayft(model_dir, data_path, s, workdir)
+        reference = run_reference(model_dir, rows, s, workdir)
+    result = {"settings": {**asdict(s), "steady_state": f"steps {s.warmup + 1}..{s.total_steps}, "
+                                                         "wall time between step ends"},
+              "reference": reference, "rayft": rayft, "differences": DIFFERENCES}
+    if rayft:
+        name = f"TRL {reference['trl']} GRPOTrainer"
+        result["rows"] = [
+            {"metric": "GRPO steps/min (steady state)", "rayft": rayft["steps_per_min"],
+             "reference": reference["steps_per_min"], "reference_name": name},
+            {"metric": f"GRPO wall time, {s.total_steps} steps with start-up, s", "rayft": rayft["wall_s"],
+             "reference": reference["wall_s"], "reference_name": name}]
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks grpo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = Settings()
+    for key in ("preset", "task", "steps", "warmup", "prompts", "samples", "new_tokens", "lr"):
+        value = getattr(defaults, key)
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value,
+                            help=f"default {value}")
+    parser.add_argument("--reference-only", action="store_true", help="time TRL alone (no result file)")
+    args = vars(parser.parse_args(argv))
+    reference_only = args.pop("reference_only")
+    result = run(Settings(**args), reference_only)
+    if reference_only:
+        print(json.dumps(result["reference"], indent=2))
+        return
+    print(write_result("grpo", result))
+    update_performance_doc()
+    rayft, reference = result["rayft"], result["reference"]
+    print(f"rayft {rayft['steps_per_min']:.1f} steps/min vs TRL {reference['steps_per_min']:.1f} steps/min "
+          f"(x{rayft['steps_per_min'] / reference['steps_per_min']:.2f})")
