@@ -112,6 +112,9 @@ class JobConfig:
                                                   f"which serve full weights or LoRA; got {peft}")
             if self.data.packing:
                 raise ConfigError("data.packing", f"does not apply to method {self.method} (prompts are not packed)")
+            if self.method == "grpo" and self.algo.estimator != "reinforce_pp" and self.algo.samples_per_prompt < 2:
+                raise ConfigError("algo.samples_per_prompt", f"estimator {self.algo.estimator} compares the samples "
+                                                             "of a prompt and needs at least 2")
             if self.algo.reference == "adapter_disabled" and peft == "none":
                 raise ConfigError("algo.reference", "adapter_disabled needs a PEFT method (peft.method)")
 

@@ -13,6 +13,7 @@ from cluster.config import JobConfig, dump_yaml, with_absolute_paths
 from cluster.progress import MetricsProgress
 from cluster.ray_env import cluster_has_gpus, ensure_ray
 from cluster.report import write_report
+from cluster.rl import actor_cpus, rollout_services, summarise_rl
 from trainers.batching import plan_steps
 from trainers.data import build_datasets
 from trainers.errors import UserError
@@ -27,14 +28,18 @@ METHODS = {
     "classification": ("trainers.classify:ClassificationMethod", "classification"),
     "rm": ("trainers.reward:RewardMethod", "preference"),
     "dpo": ("trainers.dpo:DPOMethod", "preference"),
+    "distill": ("trainers.distill:DistillMethod", "sft"),  # offline; on-policy runs the RL loop
 }
+RL_METHODS = ("ppo", "grpo", "distill")
 
 
 def run_training(config: JobConfig, echo=print) -> dict:
     """Run `config` to completion on Ray; returns the summary written to summary.json."""
-    method_class, purpose = METHODS[config.method]
+    method_class, purpose = METHODS.get(config.method, (None, "prompt"))
     if config.method == "rm" and config.rm.objective == "regression":
         purpose = "scored"
+    if config.uses_rollouts:
+        purpose = "prompt"
     config = with_absolute_paths(config)
     run_dir = config.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -43,36 +48,54 @@ def run_training(config: JobConfig, echo=print) -> dict:
     method_kwargs = _prepare(config, datasets, tokenizer)
     _echo_data(datasets.stats, echo)
     _check_resume(config, run_dir, echo)
-    plan = plan_steps(len(datasets.train), config.train.batch_size, config.train.grad_accum,
-                      config.cluster.num_workers, config.train.epochs, config.train.max_steps)
+    batch, accum = config.train.batch_size, config.train.grad_accum
+    if config.uses_rollouts:
+        batch, accum = config.algo.prompts_per_step, 1
+    plan = plan_steps(len(datasets.train), batch, accum, config.cluster.num_workers, config.train.epochs,
+                      config.train.max_steps)
     dump_yaml(config, run_dir / "config.yaml")
 
     import ray
+
+    cluster = config.cluster
+    extra_cpus = actor_cpus(config) if config.uses_rollouts else 0.0
+    ensure_ray(cluster.address, num_cpus=cluster.num_workers * cluster.cpus_per_worker + extra_cpus)
+    use_gpu = cluster.device == "cuda" or (cluster.device == "auto" and cluster_has_gpus())
+    loop_config = {"job": config, "datasets": ray.put(datasets), "use_gpu": use_gpu}
+    echo(f"training {config.method} on {cluster.num_workers} worker(s), {plan.total_steps} steps -> {run_dir}")
+    started = time.time()
+    if config.uses_rollouts:
+        from trainers.rl.loop import rl_worker
+
+        with rollout_services(config, use_gpu, echo) as services:
+            result = _fit(_trainer(config, run_dir, rl_worker, loop_config | {"services": services}, use_gpu),
+                          run_dir, plan.total_steps)
+    else:
+        loop_config |= {"method": method_class, "method_kwargs": method_kwargs}
+        result = _fit(_trainer(config, run_dir, method_worker, loop_config, use_gpu), run_dir, plan.total_steps)
+    summary = summarise(config, run_dir, time.time() - started, datasets.stats, plan.total_steps)
+    if config.uses_rollouts:
+        summary |= summarise_rl(read_metrics(run_dir / "metrics.jsonl"))
+    summary["checkpoint"] = str(result.checkpoint.path) if result.checkpoint else None
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_report(run_dir, summary)
+    return summary
+
+
+def _trainer(config: JobConfig, run_dir: Path, entry, loop_config: dict, use_gpu: bool):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cluster = config.cluster
-    ensure_ray(cluster.address, num_cpus=cluster.num_workers * cluster.cpus_per_worker)
-    use_gpu = cluster.device == "cuda" or (cluster.device == "auto" and cluster_has_gpus())
-    trainer = TorchTrainer(
-        method_worker,
-        train_loop_config={"job": config, "datasets": ray.put(datasets), "use_gpu": use_gpu,
-                           "method": method_class, "method_kwargs": method_kwargs},
+    return TorchTrainer(
+        entry,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cluster.cpus_per_worker}),
         run_config=RunConfig(name="checkpoints", storage_path=str(run_dir),
                              failure_config=FailureConfig(max_failures=cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints)),
     )
-    echo(f"training {config.method} on {cluster.num_workers} worker(s), {plan.total_steps} steps -> {run_dir}")
-    started = time.time()
-    with MetricsProgress(run_dir / "metrics.jsonl", plan.total_steps, desc=config.name):
-        result = _fit(trainer)
-    summary = summarise(config, run_dir, time.time() - started, datasets.stats, plan.total_steps)
-    summary["checkpoint"] = str(result.checkpoint.path) if result.checkpoint else None
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_report(run_dir, summary)
-    return summary
 
 
 def summarise(config: JobConfig, run_dir: Path, wall_s: float, data_stats: dict, total_steps: int) -> dict:
@@ -109,6 +132,10 @@ def _prepare(config: JobConfig, datasets, tokenizer) -> dict:
         from trainers.classify import prepare_classification
 
         return {"labels": prepare_classification(datasets, tokenizer, config.data)}
+    elif config.method == "distill":
+        from trainers.distill import check_teacher
+
+        check_teacher(config, tokenizer)
     elif config.method in ("rm", "dpo"):
         from trainers.reward import encode_preference_sets
 
@@ -127,12 +154,14 @@ def _check_resume(config: JobConfig, run_dir: Path, echo) -> None:
     echo(f"resuming from {checkpoints[-1].parent.name} in {run_dir}")
 
 
-def _fit(trainer):
-    """trainer.fit(), with a worker's UserError surfaced as the UserError it was."""
+def _fit(trainer, run_dir: Path, total_steps: int):
+    """trainer.fit() under a progress bar, with a worker's UserError surfaced as the
+    UserError it was."""
     from ray.train.v2.api.exceptions import WorkerGroupError
 
     try:
-        return trainer.fit()
+        with MetricsProgress(run_dir / "metrics.jsonl", total_steps, desc=run_dir.name):
+            return trainer.fit()
     except WorkerGroupError as exc:
         for failure in exc.worker_failures.values():
             cause = failure

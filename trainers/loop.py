@@ -101,7 +101,7 @@ def run_loop(job, datasets, method, hooks: Hooks | None = None) -> None:
     strategy = build_strategy(job.cluster.strategy, model, cfg, plan.total_steps, worker.world_size,
                               offload_optimizer=job.cluster.offload_optimizer,
                               offload_params=job.cluster.offload_params)
-    progress = _restore(strategy, worker)
+    progress = restore_progress(strategy, worker)
     if progress.step == 0:
         seed_everything(cfg.seed * 1000 + worker.rank)  # per-rank dropout streams, reproducible
     log = MetricsLog(run_dir / "metrics.jsonl", worker.is_main, resume_step=progress.step)
@@ -131,7 +131,7 @@ def run_loop(job, datasets, method, hooks: Hooks | None = None) -> None:
             row["tokens_per_s"], tokens, t_last = tokens / max(now - t_last, 1e-9), 0, now
             log.write(row)
         if (cfg.save_every and done % cfg.save_every == 0) or last or progress.stopped_early:
-            _report_checkpoint(strategy, worker, progress, row)
+            report_checkpoint(strategy, worker, progress, row)
     if progress.stopped_early and worker.is_main:
         log.write({"step": progress.step, "event": "early_stop", "best_step": progress.best_step,
                    f"best_{method.metric}": progress.best_metric})
@@ -204,16 +204,18 @@ def _save_final(strategy, method, run_dir: Path, worker: Worker) -> None:
         save_final(run_dir, strategy.module, method.tokenizer, state_dict=state)
 
 
-def _restore(strategy, worker: Worker) -> Progress:
+def restore_progress(strategy, worker: Worker, progress_cls=Progress):
+    """The loop state of the last complete checkpoint (weights and optimizer restored
+    into `strategy`), or a fresh `progress_cls()` when the run starts."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return Progress()
+        return progress_cls()
     with checkpoint.as_directory() as directory:
         state = load_checkpoint(Path(directory), strategy, worker.rank)
-    return Progress(**{k: v for k, v in state.items() if k in Progress.__dataclass_fields__})
+    return progress_cls(**{k: v for k, v in state.items() if k in progress_cls.__dataclass_fields__})
 
 
-def _report_checkpoint(strategy, worker: Worker, progress: Progress, metrics: dict) -> None:
+def report_checkpoint(strategy, worker: Worker, progress: Progress, metrics: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="rayft-ckpt-") as tmp:
         save_checkpoint(Path(tmp), strategy, progress.step, worker.rank, extra=progress.as_dict())
         ray.train.report({k: v for k, v in metrics.items() if k != "step"} | {"step": progress.step},

@@ -24,6 +24,13 @@ def addition(rng: random.Random) -> tuple[str, str]:
     return f"What is {a} + {b}?", str(a + b)
 
 
+def small_addition(rng: random.Random) -> tuple[str, str]:
+    """Single-digit sums: a hundred facts, learned partly after a short SFT, which makes
+    it the exact-match task RL tests improve on."""
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return f"What is {a} + {b}?", str(a + b)
+
+
 def reverse(rng: random.Random) -> tuple[str, str]:
     word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
     return f"Reverse: {word}", word[::-1]
@@ -52,7 +59,7 @@ def addition_preference(rng: random.Random) -> tuple[str, str, str]:
 
 # name -> function drawing one (question, answer) pair from the generator
 TASKS: dict[str, Callable[[random.Random], tuple]] = {
-    "addition": addition, "reverse": reverse, "sentiment": sentiment, "addition_pref": addition_preference}
+    "addition": addition, "small_addition": small_addition, "reverse": reverse, "sentiment": sentiment, "addition_pref": addition_preference}
 # Tasks whose pairs are (text, label) classification rows rather than chat turns.
 CLASSIFICATION_TASKS = {"sentiment"}
 # Tasks that draw (prompt, chosen, rejected) preference rows.

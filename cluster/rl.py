@@ -1,0 +1,72 @@
+"""The driver side of the RL methods: how many CPUs the run's actors need, and starting
+and stopping what the workers sample from (the rollout pool, reward actors, teacher).
+They live on the driver so a restarted worker group finds them still running."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from trainers.rl.collect import Services
+
+
+def actor_cpus(config) -> float:
+    """CPUs the run's actors reserve besides the training workers."""
+    cpus = config.rollout.num_engines * config.rollout.cpus_per_engine
+    if config.method in ("ppo", "grpo"):
+        cpus += config.rewards.num_actors * config.rewards.cpus_per_actor
+    if config.method == "distill":
+        cpus += config.distill.cpus_per_teacher
+    return cpus
+
+
+@contextmanager
+def rollout_services(config, use_gpu: bool, echo=print):
+    """The pool (serving the start model), reward actors and teacher of `config`, stopped
+    on exit whatever happens."""
+    from rollout.pool import RolloutPool
+    from rollout.reward_actor import start_reward_actors, stop_reward_actors
+
+    started = []
+    try:
+        echo(f"starting {config.rollout.num_engines} rollout engine(s)")
+        pool = RolloutPool(config.model.path, config.rollout, use_gpu=use_gpu)
+        started.append(pool.shutdown)
+        services = Services(pool)
+        if config.method in ("ppo", "grpo"):
+            services.reward_actors = start_reward_actors(config.rewards)
+            services.reward_timeout_s = config.rewards.timeout_s
+            started.append(lambda: stop_reward_actors(services.reward_actors))
+        if config.method == "distill":
+            from rollout.teacher import start_teacher, stop_teacher
+
+            d = config.distill
+            services.teacher = start_teacher(d.teacher, d.cpus_per_teacher, dtype=d.teacher_dtype,
+                                             trust_remote_code=config.model.trust_remote_code, use_gpu=use_gpu)
+            started.append(lambda: stop_teacher(services.teacher))
+        yield services
+    finally:
+        for stop in reversed(started):
+            try:
+                stop()
+            except Exception:  # noqa: BLE001 (best effort: an actor may be gone already)
+                pass
+
+
+TIMINGS = ("generate_s", "score_s", "teacher_s", "train_s", "sync_s", "step_s")
+
+
+def summarise_rl(rows: list[dict]) -> dict:
+    """The RL part of summary.json: where a step's time goes (mean seconds per step of
+    generate / score / teacher / train / sync) and how reward and the eval metric moved."""
+    steps = [r for r in rows if "event" not in r and "step_s" in r]
+    evals = [r for r in rows if "event" not in r and any(k in r for k in ("eval_reward", "eval_divergence"))]
+    out: dict = {"timing_s_per_step": {k.removesuffix("_s"): round(sum(r.get(k, 0.0) for r in steps) / len(steps), 3)
+                                       for k in TIMINGS} if steps else {}}
+    if steps:
+        out.update(first_reward_mean=steps[0].get("reward_mean"), final_reward_mean=steps[-1].get("reward_mean"),
+                   final_kl=steps[-1].get("kl"), final_response_length=steps[-1].get("response_length"))
+    for key in ("eval_reward", "eval_divergence"):
+        values = [r[key] for r in evals if key in r]
+        if values:
+            out[f"first_{key}"], out[f"final_{key}"] = values[0], values[-1]
+    return out

@@ -1,0 +1,103 @@
+"""Collecting a step's experience from the services the driver started: responses from
+the rollout pool, their rewards from the reward actors, the teacher's distributions from
+the teacher actor, and the same for evaluation (greedy, on held-out prompts)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from rollout.engine import Sampling
+from trainers.rl.experience import Experience, build_experience
+
+
+@dataclass
+class Services:
+    """Ray handles of what an RL run samples from, started and stopped by the driver."""
+    pool: Any                          # rollout.pool.RolloutPool
+    reward_actors: Optional[list] = None
+    reward_timeout_s: float = 600.0
+    teacher: Any = None                # rollout.teacher.TeacherActor handle
+
+
+class Collector:
+    def __init__(self, job, tokenizer, services: Services, worker):
+        self.job, self.algo, self.services, self.worker = job, job.algo, services, worker
+        self.pad_id = tokenizer.pad_token_id
+
+    def sampling(self, step: int) -> Sampling:
+        """Seeded per step and rank: a resumed run samples what an uninterrupted one would."""
+        seed = (self.job.rollout.seed * 1_000_003 + step) * 1009 + self.worker.rank
+        return Sampling(n=self.algo.samples_per_prompt, temperature=self.algo.temperature, top_p=self.algo.top_p,
+                        max_new_tokens=self.algo.max_new_tokens, seed=seed)
+
+    def collect(self, records: list, step: int) -> tuple[Experience, dict, dict]:
+        """(experience, timings, metrics) of one step's prompts."""
+        timings = {}
+        t = time.perf_counter()
+        groups = self.services.pool.generate([r.prompt_messages for r in records], self.sampling(step))
+        generations = [g for group in groups for g in group]
+        timings["generate_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        scores, terms = self.rewards(records, generations)
+        timings["score_s"] = time.perf_counter() - t
+        exp = build_experience(generations, scores, self.pad_id)
+        if self.services.teacher is not None:
+            t = time.perf_counter()
+            exp.teacher_logprobs = self.teacher_logprobs(generations, exp.response_ids.shape[1])
+            timings["teacher_s"] = time.perf_counter() - t
+        lengths = torch.tensor([len(g.response_ids) for g in generations], dtype=torch.float32)
+        metrics = {"reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std(unbiased=False)),
+                   "response_length": float(lengths.mean()),
+                   "truncated": sum(g.finish_reason == "length" for g in generations) / len(generations),
+                   **{f"reward_{name}": sum(v) / len(v) for name, v in terms.items()}}
+        return exp, timings, metrics
+
+    def rewards(self, records: list, generations: list) -> tuple[list[float], dict[str, list[float]]]:
+        """Each generation's combined reward and each reward term's values (zeros with no rewards)."""
+        if not self.services.reward_actors:
+            return [0.0] * len(generations), {}
+        from rollout.reward_actor import score_batch
+        from rollout.rewards import RewardItem
+
+        items = [RewardItem.from_generation(records[g.prompt_index].prompt_messages, g,
+                                            records[g.prompt_index].reference) for g in generations]
+        results = score_batch(self.services.reward_actors, items, self.services.reward_timeout_s)
+        terms: dict[str, list[float]] = {}
+        for result in results:
+            for name, value in result.terms.items():
+                terms.setdefault(name, []).append(value)
+        return [r.reward for r in results], terms
+
+    def teacher_logprobs(self, generations: list, width: int) -> torch.Tensor:
+        """(B, width, V) teacher log-probs at each response position (zeros on padding)."""
+        import ray
+
+        rows = ray.get(self.services.teacher.logprobs.remote([g.prompt_ids for g in generations],
+                                                             [g.response_ids for g in generations]))
+        vocab = rows[0].shape[-1]
+        out = torch.zeros((len(rows), width, vocab))
+        for i, row in enumerate(rows):
+            out[i, :len(row)] = torch.from_numpy(row)
+        return out
+
+    def evaluate(self, records: list, divergence=None) -> dict[str, float]:
+        """Sums over greedy responses to `records`: responses, reward, length and, given a
+        `divergence(experience) -> float`, the summed per-token divergence and token count."""
+        if not records:
+            sums = {"responses": 0.0, "reward": 0.0, "length": 0.0}
+            return sums | ({"divergence": 0.0, "tokens": 0.0} if divergence else {})
+        greedy = Sampling(n=1, temperature=0.0, max_new_tokens=self.algo.max_new_tokens)
+        groups = self.services.pool.generate([r.prompt_messages for r in records], greedy)
+        generations = [g for group in groups for g in group]
+        scores, _ = self.rewards(records, generations)
+        sums = {"responses": float(len(generations)), "reward": float(sum(scores)),
+                "length": float(sum(len(g.response_ids) for g in generations))}
+        if divergence is not None:
+            exp = build_experience(generations, scores, self.pad_id)
+            exp.teacher_logprobs = self.teacher_logprobs(generations, exp.response_ids.shape[1])
+            sums.update(divergence=divergence(exp), tokens=float(exp.mask.sum()))
+        return sums

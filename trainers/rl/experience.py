@@ -1,0 +1,79 @@
+"""One RL step's experience as tensors: the sampled responses of a rollout batch laid out
+for the trainer (prompts left-padded, responses right-padded, so every response starts
+at the same column), with what the step computes about them before updating (rewards,
+log-probs under the rollout policy and the reference, values, advantages, teacher
+log-probs). `response_logits` runs the model and returns the logits that predict each
+response token; `Experience.rows` cuts a mini-batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Experience:
+    input_ids: torch.Tensor          # (B, P + R) left-padded prompt, right-padded response
+    attention_mask: torch.Tensor     # (B, P + R)
+    position_ids: torch.Tensor       # (B, P + R)
+    response_ids: torch.Tensor       # (B, R)
+    mask: torch.Tensor               # (B, R) float: 1 on response tokens
+    engine_logp: torch.Tensor        # (B, R) the engine's log-probs of its own samples
+    scores: torch.Tensor             # (B,) the reward of each response
+    old_logp: Optional[torch.Tensor] = None      # (B, R) the trainer's, before the update
+    ref_logp: Optional[torch.Tensor] = None      # (B, R)
+    old_values: Optional[torch.Tensor] = None    # (B, R)
+    advantages: Optional[torch.Tensor] = None    # (B, R)
+    returns: Optional[torch.Tensor] = None       # (B, R)
+    teacher_logprobs: Optional[torch.Tensor] = None  # (B, R, V) full teacher distributions
+
+    @property
+    def prompt_width(self) -> int:
+        return self.input_ids.shape[1] - self.response_ids.shape[1]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, index: torch.Tensor | slice) -> "Experience":
+        """A mini-batch: the same fields, restricted to the given rows."""
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
+                                if getattr(self, f.name) is not None})
+
+    def to(self, device) -> "Experience":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if getattr(self, f.name) is not None})
+
+
+def build_experience(generations: list, scores: list[float], pad_id: int) -> Experience:
+    """Generations (flat, prompt-major) and their rewards -> an Experience."""
+    width_p = max(len(g.prompt_ids) for g in generations)
+    width_r = max(max(len(g.response_ids) for g in generations), 1)
+    b = len(generations)
+    input_ids = torch.full((b, width_p + width_r), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, width_p + width_r), dtype=torch.long)
+    engine_logp = torch.zeros((b, width_r))
+    for i, g in enumerate(generations):
+        p, r = len(g.prompt_ids), len(g.response_ids)
+        input_ids[i, width_p - p:width_p] = torch.tensor(g.prompt_ids)
+        input_ids[i, width_p:width_p + r] = torch.tensor(g.response_ids, dtype=torch.long)
+        attention[i, width_p - p:width_p + r] = 1
+        engine_logp[i, :r] = torch.tensor(g.logprobs[:r], dtype=torch.float32)
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    response = input_ids[:, width_p:]
+    return Experience(input_ids, attention, position_ids, response, attention[:, width_p:].float(),
+                      engine_logp, torch.tensor(scores, dtype=torch.float32))
+
+
+def response_logits(model_out_logits: torch.Tensor, exp: Experience) -> torch.Tensor:
+    """(B, R, V): the logits at the positions that predict each response token."""
+    start = exp.prompt_width - 1
+    return model_out_logits[:, start:start + exp.response_ids.shape[1]]
+
+
+def token_logp(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / T) of each token; logits (B, R, V), tokens (B, R) -> (B, R)."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

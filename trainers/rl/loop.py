@@ -1,0 +1,220 @@
+"""The RL loop of `method: ppo | grpo | distill (on_policy)`, run inside each Ray Train
+worker. Each step a worker draws its share of prompts (a pure function of the step, so
+a resumed run sees the same remaining prompts), samples responses from the rollout pool,
+has them scored by the reward actors (or the teacher actor), computes log-probs, values
+and advantages, updates over `ppo_epochs` x `mini_batches`, and rank 0 pushes the new
+weights to the engines. Evaluation samples greedily on held-out prompts.
+
+The pool, reward actors and teacher are started by the driver (`cluster.rl`) and handed
+in: they outlive a restarted worker group, which re-syncs them from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.train
+import torch
+
+from trainers.batching import StepBatches, plan_steps
+from trainers.loop import Progress, Worker, report_checkpoint, restore_progress, seed_everything
+from trainers.metrics import MetricsLog
+from trainers.rl.collect import Collector
+from trainers.rl.experience import Experience, response_logits, token_logp
+from trainers.rl.model import Reference, build_rl_model, engine_weights, policy_state
+from trainers.rl.objectives import AdaptiveKL, build_objective
+from trainers.setup import describe_trainable
+from trainers.strategy import all_reduce_sum, build_strategy
+
+
+@dataclass
+class RLProgress(Progress):
+    kl_coef: float = 0.0
+    prompts_seen: int = 0    # prompts drawn so far by all workers: the data position
+
+
+def rl_worker(loop_config: dict) -> None:
+    """Ray Train entry point of the RL methods."""
+    from trainers.models import load_tokenizer
+
+    job = loop_config["job"]
+    tokenizer = load_tokenizer(job.model.path, job.model.trust_remote_code, job.data.chat_template)
+    RLLoop(job, tokenizer, ray.get(loop_config["datasets"]), loop_config["services"],
+           loop_config.get("use_gpu", False)).run()
+
+
+class RLLoop:
+    def __init__(self, job, tokenizer, datasets, services, use_gpu: bool):
+        self.job, self.algo, self.tokenizer, self.datasets = job, job.algo, tokenizer, datasets
+        self.worker, self.run_dir = Worker.current(), Path(job.run_dir)
+        self.collector = Collector(job, tokenizer, services, self.worker)
+        self.pool = services.pool
+        seed_everything(job.train.seed)
+        self.kl = AdaptiveKL(self.algo.kl_coef, self.algo.kl_target, self.algo.kl_horizon)
+        self.objective = build_objective(job, self.kl)
+        model = build_rl_model(job, use_gpu, self.objective.needs_values).to(self.worker.device)
+        self.plan = plan_steps(len(datasets.train), self.algo.prompts_per_step, 1, self.worker.world_size,
+                               job.train.epochs, job.train.max_steps)
+        updates = self.plan.total_steps * self.algo.ppo_epochs * self.algo.mini_batches
+        self.strategy = build_strategy(job.cluster.strategy, model, job.train, updates, self.worker.world_size,
+                                       offload_optimizer=job.cluster.offload_optimizer,
+                                       offload_params=job.cluster.offload_params)
+        self.reference = Reference(job, use_gpu, self.worker.device) if self.objective.needs_reference else None
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        job, worker = self.job, self.worker
+        progress = restore_progress(self.strategy, worker, RLProgress)
+        log = MetricsLog(self.run_dir / "metrics.jsonl", worker.is_main, resume_step=progress.step)
+        if progress.step > 0:
+            self.kl.coef = progress.kl_coef
+            log.write({"step": progress.step, "event": "resume", "prompts_seen": progress.prompts_seen})
+            self.sync()  # the engines may hold weights newer than this checkpoint
+        else:
+            seed_everything(job.train.seed * 1000 + worker.rank)
+            log.write({"step": 0, "event": "start", "total_steps": self.plan.total_steps,
+                       **describe_trainable(self.strategy.module)})
+            log.write({"step": 0, **self.evaluate()})
+        batches = StepBatches(self.plan, worker.rank, job.data.seed + job.train.seed)
+        for step in range(progress.step, self.plan.total_steps):
+            prompt_ids = [i for micro in batches.micro_batches(step) for i in micro]
+            row = self.step(step, [self.datasets.train[i] for i in prompt_ids])
+            progress.step = done = step + 1
+            progress.prompts_seen = done * self.plan.samples_per_step
+            progress.kl_coef = self.kl.coef
+            row = {"step": done, **row, "prompts_seen": progress.prompts_seen}
+            last = done == self.plan.total_steps
+            if (job.train.eval_every and done % job.train.eval_every == 0) or last:
+                row.update(self.evaluate())
+            if done % job.train.log_every == 0 or last or any(k.startswith("eval_") for k in row):
+                log.write(row)
+            if (job.train.save_every and done % job.train.save_every == 0) or last:
+                report_checkpoint(self.strategy, worker, progress, row)
+        self.save_final()
+
+    def step(self, step: int, records: list) -> dict:
+        started = time.perf_counter()
+        exp, timings, metrics = self.collector.collect(records, step)
+        exp = exp.to(self.worker.device)
+        t = time.perf_counter()
+        metrics.update(self.score_old(exp))
+        metrics.update(self.objective.prepare(exp, self.algo.samples_per_prompt))
+        metrics.update(self.update(exp))
+        timings["train_s"] = time.perf_counter() - t
+        self.kl.update(metrics.get("kl", 0.0) * metrics["response_length"], len(exp) * self.worker.world_size)
+        timings["sync_s"] = self.sync()
+        timings["step_s"] = time.perf_counter() - started
+        return self.reduce({**metrics, **timings}) | {"kl_coef": self.kl.coef}
+
+    # -- the parts of a step ----------------------------------------------------------
+
+    def chunks(self, n: int) -> list[torch.Tensor]:
+        size = -(-n // self.algo.mini_batches)
+        return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
+
+    @torch.no_grad()
+    def score_old(self, exp: Experience) -> dict:
+        """Log-probs (and values) under the policy that sampled, and under the reference."""
+        model = self.strategy.model
+        model.eval()
+        old, raw, values, ref = [], [], [], []
+        for rows in self.chunks(len(exp)):
+            mb = exp.rows(rows)
+            logits, v = model(mb.input_ids, mb.attention_mask, mb.position_ids)
+            logits = response_logits(logits, mb)
+            old.append(token_logp(logits, mb.response_ids, self.algo.temperature))
+            raw.append(token_logp(logits, mb.response_ids))
+            if v is not None:
+                values.append(v[:, mb.prompt_width - 1:mb.prompt_width - 1 + mb.response_ids.shape[1]])
+            if self.reference is not None:
+                ref_logits = self.reference.logits(model, mb.input_ids, mb.attention_mask, mb.position_ids)
+                ref.append(token_logp(response_logits(ref_logits, mb), mb.response_ids, self.algo.temperature))
+        exp.old_logp = torch.cat(old)
+        exp.old_values = torch.cat(values) if values else None
+        exp.ref_logp = torch.cat(ref) if ref else None
+        gap = (torch.cat(raw) - exp.engine_logp).abs() * exp.mask
+        metrics = {"logprob_diff": float(gap.sum() / exp.mask.sum().clamp(min=1)), "logprob_diff_max": float(gap.max())}
+        if exp.ref_logp is not None:
+            kl = self.objective.token_kl(exp.old_logp, exp.ref_logp)
+            metrics["kl"] = float((kl * exp.mask).sum() / exp.mask.sum().clamp(min=1))
+        return metrics
+
+    def update(self, exp: Experience) -> dict:
+        model, sums, count = self.strategy.model, {}, 0
+        model.train()
+        generator = torch.Generator().manual_seed(self.job.train.seed * 7919 + len(exp))
+        for _ in range(self.algo.ppo_epochs):
+            order = torch.randperm(len(exp), generator=generator)
+            for rows in self.chunks(len(exp)):
+                mb = exp.rows(order[rows].to(exp.input_ids.device))
+                logits, values = model(mb.input_ids, mb.attention_mask, mb.position_ids)
+                width = mb.response_ids.shape[1]
+                if values is not None:
+                    values = values[:, mb.prompt_width - 1:mb.prompt_width - 1 + width]
+                loss, stats = self.objective.loss(response_logits(logits, mb), values, mb)
+                self.strategy.backward(loss)
+                stats["grad_norm"] = self.strategy.step()
+                stats["loss"] = loss.detach()
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                count += 1
+        return {k: v / count for k, v in sums.items()} | {"lr": self.strategy.lr}
+
+    def sync(self) -> float:
+        """Rank 0 pushes the policy to the engines; every worker waits for it (so no one
+        samples from stale weights). Returns the sync's wall time."""
+        started = time.perf_counter()
+        state = engine_weights(self.strategy, self.worker.is_main, self.job.peft.method)
+        seconds = 0.0
+        if self.worker.is_main:
+            self.pool.sync_weights(state)
+            seconds = time.perf_counter() - started
+        (seconds,) = all_reduce_sum([seconds], self.worker.device)  # also the barrier
+        return seconds
+
+    def reduce(self, metrics: dict) -> dict:
+        """Every metric averaged over the workers."""
+        keys = sorted(metrics)
+        totals = all_reduce_sum([float(metrics[k]) for k in keys], self.worker.device)
+        return {k: v / self.worker.world_size for k, v in zip(keys, totals)}
+
+    def evaluate(self) -> dict:
+        """Greedy responses to held-out prompts: mean reward (or divergence from the teacher)."""
+        records = self.datasets.eval
+        if self.algo.eval_prompts:
+            records = records[:self.algo.eval_prompts]
+        if not records:
+            return {}
+        mine = records[self.worker.rank::self.worker.world_size]
+        sums = self.collector.evaluate(mine, self.eval_divergence if self.objective.needs_teacher else None)
+        keys = sorted(sums)
+        totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], self.worker.device)))
+        n = max(totals.pop("responses"), 1.0)
+        out = {f"eval_{k}": v / n for k, v in totals.items() if k != "tokens"}
+        if "divergence" in totals:
+            out["eval_divergence"] = totals["divergence"] / max(totals["tokens"], 1.0)
+        return out
+
+    @torch.no_grad()
+    def eval_divergence(self, exp: Experience) -> float:
+        """Summed per-token divergence student vs teacher on the given responses."""
+        from trainers.distill import token_divergence
+
+        model = self.strategy.model
+        model.eval()
+        exp = exp.to(self.worker.device)
+        d = self.job.distill
+        logits, _ = model(exp.input_ids, exp.attention_mask, exp.position_ids)
+        per_token = token_divergence(response_logits(logits, exp), exp.teacher_logprobs, exp.mask, d.loss, d.beta, 1.0)
+        return float((per_token * exp.mask).sum())
+
+    def save_final(self) -> None:
+        from trainers.checkpoint import save_final
+
+        full = self.strategy.full_state_dict()  # collective under ZeRO-3
+        if self.worker.is_main:
+            policy = self.strategy.module.policy
+            save_final(self.run_dir, policy, self.tokenizer, state_dict=policy_state(full) if full else None)

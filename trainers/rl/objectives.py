@@ -1,0 +1,136 @@
+"""What each RL method optimises, given a step's `Experience`: `prepare` turns rewards
+(and values, KL) into advantages once per rollout batch; `loss` is the mini-batch loss
+and its statistics. PPO (GAE on a value head), the critic-free GRPO family (GRPO, RLOO,
+REINFORCE++) and on-policy distillation (the teacher's distributions on the student's
+own samples) share the clipped-ratio machinery of `trainers.rl_losses`."""
+
+from __future__ import annotations
+
+import torch
+
+from trainers.rl.experience import Experience, token_logp
+from trainers.rl_losses import (broadcast_to_tokens, entropy_from_logits, gae, grpo_advantages, kl_estimate,
+                                masked_mean, masked_whiten, ppo_policy_loss, reinforce_pp_advantages,
+                                rloo_advantages, token_rewards, value_loss)
+
+
+class AdaptiveKL:
+    """The KL coefficient: fixed, or steered towards `target` (Ziegler et al. 2019):
+    coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * responses / horizon."""
+
+    def __init__(self, coef: float, target: float, horizon: int):
+        self.coef, self.target, self.horizon = coef, target, horizon
+
+    def update(self, kl: float, responses: int) -> None:
+        if self.target > 0 and self.coef > 0:
+            error = max(-0.2, min(0.2, kl / self.target - 1))
+            self.coef *= 1 + error * responses / self.horizon
+
+
+class Objective:
+    """Clipped policy-gradient loss on advantages that a subclass computes in `prepare`."""
+    needs_values = False
+    needs_teacher = False
+
+    def __init__(self, algo, kl: AdaptiveKL, temperature: float):
+        self.algo, self.kl, self.temperature = algo, kl, temperature
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl.coef > 0
+
+    def token_kl(self, logp: torch.Tensor, ref_logp: torch.Tensor | None) -> torch.Tensor:
+        if ref_logp is None:
+            return torch.zeros_like(logp)
+        return kl_estimate(logp, ref_logp, self.algo.kl_estimator)
+
+    def reward_kl_coef(self) -> float:
+        """The coefficient of the KL inside the reward (0 when the KL is a loss term)."""
+        return self.kl.coef if self.algo.kl_in == "reward" else 0.0
+
+    def prepare(self, exp: Experience, group_size: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def loss(self, logits: torch.Tensor, values: torch.Tensor | None, mb: Experience) -> tuple[torch.Tensor, dict]:
+        algo = self.algo
+        logp = token_logp(logits, mb.response_ids, self.temperature)
+        loss, stats = ppo_policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, algo.clip_eps,
+                                      algo.clip_eps_high or None, algo.aggregation)
+        stats = {"policy_loss": loss.detach(), **stats}
+        if mb.ref_logp is not None and algo.kl_in == "loss":
+            kl_term = masked_mean(self.token_kl(logp, mb.ref_logp), mb.mask)
+            loss = loss + self.kl.coef * kl_term
+        entropy = entropy_from_logits(logits, mb.mask)
+        stats["entropy"] = entropy.detach()
+        if algo.entropy_coef:
+            loss = loss - algo.entropy_coef * entropy
+        return loss, stats
+
+
+class PPO(Objective):
+    needs_values = True
+
+    def prepare(self, exp, group_size):
+        kl = self.token_kl(exp.old_logp, exp.ref_logp)
+        rewards = token_rewards(exp.scores, kl, exp.mask, self.reward_kl_coef())
+        advantages, exp.returns = gae(rewards, exp.old_values, exp.mask, self.algo.gamma, self.algo.lam)
+        exp.advantages = masked_whiten(advantages, exp.mask) if self.algo.whiten_advantages else advantages
+        return {"return_mean": float(masked_mean(exp.returns, exp.mask)),
+                "value_mean": float(masked_mean(exp.old_values, exp.mask))}
+
+    def loss(self, logits, values, mb):
+        loss, stats = super().loss(logits, values, mb)
+        v_loss = value_loss(values, mb.old_values, mb.returns, mb.mask, self.algo.value_clip or None)
+        stats["value_loss"] = v_loss.detach()
+        return loss + self.algo.vf_coef * v_loss, stats
+
+
+class GroupRL(Objective):
+    """GRPO, RLOO and REINFORCE++: baselines from the other samples, no critic."""
+
+    def prepare(self, exp, group_size):
+        algo = self.algo
+        kl = self.token_kl(exp.old_logp, exp.ref_logp)
+        coef = self.reward_kl_coef()
+        if algo.estimator == "reinforce_pp":
+            exp.advantages = reinforce_pp_advantages(exp.scores, exp.mask, kl, coef, algo.gamma)
+            return {}
+        scores = exp.scores - coef * (kl * exp.mask).sum(-1)
+        if algo.estimator == "grpo":
+            advantages = grpo_advantages(scores, group_size)
+        else:
+            advantages = rloo_advantages(scores, group_size)
+        exp.advantages = broadcast_to_tokens(advantages, exp.mask)
+        return {}
+
+
+class OnPolicyDistill(Objective):
+    """The student's divergence from the teacher on the student's own samples."""
+    needs_teacher = True
+
+    def __init__(self, algo, kl, temperature, distill):
+        super().__init__(algo, kl, temperature)
+        self.distill = distill
+
+    def prepare(self, exp, group_size):
+        return {}
+
+    def loss(self, logits, values, mb):
+        from trainers.distill import token_divergence
+
+        d = self.distill
+        per_token = token_divergence(logits, mb.teacher_logprobs, mb.mask, d.loss, d.beta, d.temperature)
+        loss = masked_mean(per_token, mb.mask) if self.algo.aggregation == "token" else \
+            masked_mean(per_token, mb.mask, dim=-1).mean()
+        with torch.no_grad():
+            stats = {"divergence": masked_mean(per_token, mb.mask), "entropy": entropy_from_logits(logits, mb.mask)}
+        return loss, stats
+
+
+def build_objective(job, kl: AdaptiveKL) -> Objective:
+    algo = job.algo
+    if job.method == "ppo":
+        return PPO(algo, kl, algo.temperature)
+    if job.method == "grpo":
+        return GroupRL(algo, kl, algo.temperature)
+    return OnPolicyDistill(algo, kl, algo.temperature, job.distill)
