@@ -12,6 +12,7 @@ in: they outlive a restarted worker group, which re-syncs them from its checkpoi
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,12 @@ from trainers.strategy import all_reduce_sum, build_strategy
 class RLProgress(Progress):
     kl_coef: float = 0.0
     prompts_seen: int = 0    # prompts drawn so far by all workers: the data position
+
+
+def prompt_digest(prompt_ids: list[int]) -> int:
+    """A checksum of the prompts a worker drew (summed over workers in the log), so a
+    resumed run can be checked to see the same prompts an uninterrupted one would."""
+    return zlib.crc32(",".join(map(str, prompt_ids)).encode())
 
 
 def rl_worker(loop_config: dict) -> None:
@@ -82,6 +89,7 @@ class RLLoop:
         for step in range(progress.step, self.plan.total_steps):
             prompt_ids = [i for micro in batches.micro_batches(step) for i in micro]
             row = self.step(step, [self.datasets.train[i] for i in prompt_ids])
+            (row["prompt_digest"],) = all_reduce_sum([prompt_digest(prompt_ids)], worker.device)
             progress.step = done = step + 1
             progress.prompts_seen = done * self.plan.samples_per_step
             progress.kl_coef = self.kl.coef

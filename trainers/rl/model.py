@@ -31,6 +31,10 @@ class RLModel(nn.Module):
             nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
             nn.init.zeros_(self.value_head.bias)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
     def forward(self, input_ids, attention_mask, position_ids):
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False, output_hidden_states=self.value_head is not None)

@@ -1,0 +1,176 @@
+"""RL on the rollout pool, end to end on CPU with real vLLM engines and reward actors.
+
+The start model is the tiny base after a short SFT on single-digit sums whose answers
+come in two styles, half "7" and half "The answer is 7.". Greedy decoding picks the
+verbose style, so the exact-match reward on held-out prompts starts at 0: an RL method
+that works learns the rewarded style (and keeps the sums it knows) and the held-out
+reward rises; a wrong sign, misaligned rewards or stale engine weights leave it at 0.
+"""
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from cluster.config import load_config
+from cluster.train import run_training
+from trainers.batching import StepBatches, plan_steps
+from trainers.data import synth_rows
+from trainers.rl.loop import prompt_digest
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def rl_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl-data")
+    rng = random.Random(5)
+    mixed = synth_rows("small_addition", 2000, seed=1)
+    for row in mixed:
+        if rng.random() < 0.5:
+            row["messages"][1]["content"] = f"The answer is {row['reference']}."
+    pairs = [{"prompt": r["messages"][0]["content"], "chosen": r["reference"],
+              "rejected": f"The answer is {r['reference']}." if i % 2 else str((int(r["reference"]) + 3) % 19)}
+             for i, r in enumerate(synth_rows("small_addition", 1200, seed=4))]
+    return {"mixed": _write(root / "mixed.jsonl", mixed),
+            "plain": _write(root / "plain.jsonl", synth_rows("small_addition", 2000, seed=6)),
+            "prompts": _write(root / "prompts.jsonl", synth_rows("small_addition", 600, seed=2)),
+            "eval": _write(root / "eval.jsonl", synth_rows("small_addition", 64, seed=3)),
+            "pairs": _write(root / "pairs.jsonl", pairs)}
+
+
+def _quiet(*_):
+    pass
+
+
+def _train(tmp_path, name, model, *overrides):
+    config = load_config(None, [f"name={name}", f"output_dir={tmp_path}", f"model.path={model}",
+                                "cluster.num_workers=1", *overrides])
+    return config, run_training(config, echo=_quiet)
+
+
+@pytest.fixture(scope="module")
+def sft_mixed(ray_cluster, tiny_base_dir, rl_data, tmp_path_factory):
+    """The start model: greedy answers in the unrewarded style."""
+    config, _ = _train(tmp_path_factory.mktemp("sft"), "sft-mixed", tiny_base_dir, f"data.train=[{rl_data['mixed']}]",
+                       "data.max_length=48", "train.max_steps=150", "train.batch_size=16", "train.lr=1e-3")
+    return config.run_dir / "final"
+
+
+def _rl(tmp_path, name, model, rl_data, method, *overrides):
+    return _train(tmp_path, name, model, f"method={method}", f"data.train=[{rl_data['prompts']}]",
+                  f"data.eval=[{rl_data['eval']}]", "algo.prompts_per_step=16", "algo.samples_per_prompt=8",
+                  "algo.max_new_tokens=8", "train.lr=1e-4", "train.scheduler=constant", "train.warmup_ratio=0",
+                  *overrides)
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _evals(run_dir, key="eval_reward"):
+    return [r[key] for r in _rows(run_dir) if key in r]
+
+
+@pytest.mark.parametrize("estimator, steps, margin", [("grpo", 30, 0.15), ("rloo", 20, 0.1),
+                                                      ("reinforce_pp", 20, 0.1)])
+def test_group_rl_raises_held_out_exact_match_reward(sft_mixed, rl_data, tmp_path, estimator, steps, margin):
+    config, summary = _rl(tmp_path, estimator, sft_mixed, rl_data, "grpo", f"algo.estimator={estimator}",
+                          "rewards.rewards=[{fn: exact_match}]", f"train.max_steps={steps}", "train.eval_every=10")
+    evals = _evals(config.run_dir)
+    assert evals[0] == 0.0, evals  # the start model answers in the unrewarded style
+    assert evals[-1] >= evals[0] + margin, evals
+    steps_rows = [r for r in _rows(config.run_dir) if "reward_mean" in r]
+    assert [r["step"] for r in steps_rows] == list(range(1, steps + 1))
+    assert steps_rows[-1]["response_length"] < steps_rows[0]["response_length"]  # "The answer is" is dropped
+    # The engines sample from the trainer's current weights: same log-probs after every sync.
+    assert max(r["logprob_diff_max"] for r in steps_rows) < 1e-3
+    timing = summary["timing_s_per_step"]
+    assert all(timing[k] > 0 for k in ("generate", "score", "train", "sync", "step"))
+    assert summary["final_eval_reward"] == evals[-1]
+    assert (config.run_dir / "final" / "model.safetensors").exists()
+    if estimator == "grpo":
+        html = (config.run_dir / "report.html").read_text()
+        for panel in ("Reward", "Response length (tokens)", "Step time (s)"):
+            assert f"<h2>{panel}</h2>" in html
+
+
+def test_ppo_with_a_reward_model_raises_reward(sft_mixed, rl_data, tmp_path, tiny_base_dir):
+    rm, _ = _train(tmp_path, "rm", tiny_base_dir, "method=rm", f"data.train=[{rl_data['pairs']}]",
+                   "data.max_length=48", "train.max_steps=120", "train.batch_size=16", "train.lr=1e-3")
+    config, summary = _rl(tmp_path, "ppo", sft_mixed, rl_data, "ppo", f"rewards.rewards=[{{fn: 'model:{rm.run_dir}'}}]",
+                          "algo.samples_per_prompt=2", "algo.ppo_epochs=2", "algo.mini_batches=2",
+                          "algo.kl_coef=0.05", "algo.kl_estimator=k3", "train.max_steps=30", "train.eval_every=15")
+    rows = [r for r in _rows(config.run_dir) if "reward_mean" in r]
+    first, last = rows[:10], rows[-10:]
+    mean = lambda part: sum(r["reward_mean"] for r in part) / len(part)  # noqa: E731
+    assert mean(last) > mean(first) + 0.2, [round(r["reward_mean"], 2) for r in rows]
+    assert all(k in rows[-1] for k in ("value_loss", "kl", "clip_fraction", "entropy", "return_mean"))
+    assert rows[-1]["kl"] > 0  # the policy moved away from the reference, and the KL says so
+    assert _evals(config.run_dir)[-1] > _evals(config.run_dir)[0]
+    assert summary["final_kl"] == rows[-1]["kl"]
+
+
+def test_on_policy_distillation_lowers_divergence_to_the_teacher(sft_mixed, rl_data, tmp_path, tiny_base_dir):
+    teacher, _ = _train(tmp_path, "teacher", tiny_base_dir, f"data.train=[{rl_data['plain']}]", "data.max_length=48",
+                        "train.max_steps=150", "train.batch_size=16", "train.lr=1e-3")
+    config, summary = _rl(tmp_path, "distill", sft_mixed, rl_data, "distill", "distill.mode=on_policy",
+                          f"distill.teacher={teacher.run_dir / 'final'}", "distill.loss=reverse_kl",
+                          "algo.samples_per_prompt=2", "train.lr=3e-4", "train.max_steps=20", "train.eval_every=10")
+    divergences = _evals(config.run_dir, "eval_divergence")
+    assert len(divergences) == 3
+    assert divergences[-1] < 0.6 * divergences[0], divergences
+    assert summary["timing_s_per_step"]["teacher"] > 0
+
+
+def _train_worker_pids():
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+
+
+def test_killed_worker_resumes_with_the_same_remaining_prompts(sft_mixed, rl_data, tmp_path):
+    steps, save_every = 12, 4
+    args = ["rewards.rewards=[{fn: exact_match}]", f"train.max_steps={steps}", f"train.save_every={save_every}",
+            "cluster.max_failures=2", "cluster.num_workers=2", "algo.prompts_per_step=4", "algo.eval_prompts=8"]
+    name = "crash"
+    run_dir = tmp_path / name
+    killed = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
+            if snapshot.exists() and f"step_{save_every:08d}" in snapshot.read_text():
+                pids = _train_worker_pids()
+                if len(pids) >= 2:
+                    os.kill(max(pids), signal.SIGKILL)
+                    killed.append(max(pids))
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    config, summary = _rl(tmp_path, name, sft_mixed, rl_data, "grpo", *args)
+    killer.join(timeout=5)
+    assert killed, "no worker was killed"
+
+    rows = _rows(config.run_dir)
+    resumes = [r for r in rows if r.get("event") == "resume"]
+    assert resumes and resumes[0]["step"] % save_every == 0 and resumes[0]["step"] > 0, resumes
+    assert resumes[0]["prompts_seen"] == resumes[0]["step"] * 4 * 2
+    logged = {r["step"]: r["prompt_digest"] for r in rows if "prompt_digest" in r}
+    assert sorted(logged) == list(range(1, steps + 1))
+    # Every step, before and after the restart, drew the prompts of an uninterrupted run.
+    plan = plan_steps(600, 4, 1, 2, 1.0, steps)
+    batches = [StepBatches(plan, rank, config.data.seed + config.train.seed) for rank in range(2)]
+    expected = {s + 1: sum(prompt_digest([i for m in b.micro_batches(s) for i in m]) for b in batches)
+                for s in range(steps)}
+    assert logged == expected
+    assert summary["steps"] == steps
