@@ -84,3 +84,24 @@ def test_invalid_combinations_name_a_key(overrides, key):
     with pytest.raises(ConfigError) as err:
         load_config(None, BASE + overrides, default_name="x")
     assert err.value.key == key
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["method=grpo", "rewards.rewards=[{fn: exact_match}]", "algo.estimator=rloo", "algo.samples_per_prompt=1"],
+     "algo.samples_per_prompt"),
+    (["method=grpo"], "rewards.rewards"),
+    (["method=grpo", "rewards.rewards=[{fn: exact_match}]", "peft.method=dora"], "peft.method"),
+    (["method=distill"], "distill.teacher"),
+    (["method=ppo", "rewards.rewards=[{fn: exact_match}]", "algo.reference=adapter_disabled"], "algo.reference"),
+    (["method=grpo", "rewards.rewards=[{fn: exact_match}]", "algo.temperature=0"], "algo.temperature"),
+])
+def test_rl_settings_that_cannot_work_name_their_key(overrides, key):
+    with pytest.raises(Exception, match=f"'{key}'"):
+        load_config(None, ["model.path=m", "data.train=d.jsonl", *overrides], "t")
+
+
+def test_rl_sections_are_ignored_by_supervised_methods():
+    config = load_config(None, ["model.path=m", "data.train=d.jsonl"], "t")
+    assert not config.uses_rollouts and config.rewards.rewards == []
+    assert load_config(None, ["model.path=m", "data.train=d.jsonl", "method=distill", "distill.teacher=t",
+                              "distill.mode=on_policy"], "t").uses_rollouts
