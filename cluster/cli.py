@@ -65,15 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = dsub.add_parser("synth", help="write a synthetic task a tiny model can learn",
                         description="Write a learnable synthetic chat task (with a reference answer per row).")
-    p.add_argument("--task", required=True, help="task name (addition, reverse, ...)")
+    p.add_argument("--task", required=True,
+                   help="task name: addition, small_addition, reverse, sentiment, addition_pref")
     p.add_argument("--n", type=int, required=True, help="number of rows")
     p.add_argument("--out", required=True, help="output .jsonl file")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_synth)
 
     p = sub.add_parser("train", help="run a training job from a YAML config",
-                       description="Run a training job. The method (sft, ...) comes from the config; "
-                                   "key.sub=value arguments override config keys.",
+                       description="Run a training job. The method (sft, cpt, classification, rm, dpo, ppo, "
+                                   "grpo, distill) comes from the config; key.sub=value arguments override "
+                                   "config keys. ppo, grpo and on-policy distill also start the rollout "
+                                   "engines and reward (or teacher) actors on the cluster.",
                        epilog="example: rayft train examples/sft_lora.yaml train.lr=1e-4 cluster.num_workers=2",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="YAML config file")
@@ -188,8 +191,11 @@ def cmd_train(args) -> int:
     summary = run_training(config)
     run_dir = config.run_dir
     print(f"run directory: {run_dir}\nreport: {run_dir / 'report.html'}\nfinal model: {run_dir / 'final'}")
-    if summary.get("final_eval_loss") is not None:
-        print(f"eval loss: {summary['first_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}")
+    for key in ("eval_loss", "eval_reward", "eval_divergence"):
+        if summary.get(f"final_{key}") is not None:
+            print(f"{key.replace('_', ' ')}: {summary[f'first_{key}']:.4f} -> {summary[f'final_{key}']:.4f}")
+    if summary.get("timing_s_per_step"):
+        print("seconds per step: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["timing_s_per_step"].items() if v))
     return 0
 
 

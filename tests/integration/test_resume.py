@@ -3,18 +3,13 @@ from the last complete checkpoint; re-running a finished config on its run direc
 continues it; gradient accumulation and worker count do not change the update."""
 
 import json
-import os
-import signal
-import threading
-import time
-
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from cluster.config import load_config
 from cluster.train import run_training
+from tests.integration.faults import kill_a_worker_after_checkpoint
 from trainers.errors import UserError
 
 
@@ -29,36 +24,14 @@ def _metrics(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _train_worker_pids():
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
-
-
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_model_dir, addition_data, tmp_path):
     steps = ["train.max_steps=40", "train.save_every=10", "cluster.max_failures=2"]
     plain = _config(tmp_path, tiny_model_dir, addition_data, "plain", *steps)
     run_training(plain, echo=lambda *_: None)
 
     crash = _config(tmp_path, tiny_model_dir, addition_data, "crash", *steps)
-    killed = []
-
-    def kill_after_first_checkpoint():
-        deadline = time.time() + 300
-        while time.time() < deadline and not killed:
-            # Ray registers a checkpoint (records it in its snapshot) after every worker
-            # reported it; only then is it the one a restart resumes from.
-            snapshot = crash.run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
-            if snapshot.exists() and "step_00000010" in snapshot.read_text():
-                pids = _train_worker_pids()
-                if len(pids) >= 2:
-                    os.kill(max(pids), signal.SIGKILL)  # a real process death, not an exception
-                    killed.append(max(pids))
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    killer.start()
-    summary = run_training(crash, echo=lambda *_: None)
-    killer.join(timeout=5)
+    with kill_a_worker_after_checkpoint(crash.run_dir, 10) as killed:
+        summary = run_training(crash, echo=lambda *_: None)
     assert killed, "no worker was killed"
 
     rows = _metrics(crash.run_dir)

@@ -8,17 +8,12 @@ reward rises; a wrong sign, misaligned rewards or stale engine weights leave it 
 """
 
 import json
-import os
-import random
-import signal
-import threading
-import time
 
-import psutil
 import pytest
 
 from cluster.config import load_config
 from cluster.train import run_training
+from tests.integration.faults import kill_a_worker_after_checkpoint
 from trainers.batching import StepBatches, plan_steps
 from trainers.data import synth_rows
 from trainers.rl.loop import prompt_digest
@@ -32,15 +27,10 @@ def _write(path, rows):
 @pytest.fixture(scope="module")
 def rl_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("rl-data")
-    rng = random.Random(5)
-    mixed = synth_rows("small_addition", 2000, seed=1)
-    for row in mixed:
-        if rng.random() < 0.5:
-            row["messages"][1]["content"] = f"The answer is {row['reference']}."
     pairs = [{"prompt": r["messages"][0]["content"], "chosen": r["reference"],
               "rejected": f"The answer is {r['reference']}." if i % 2 else str((int(r["reference"]) + 3) % 19)}
              for i, r in enumerate(synth_rows("small_addition", 1200, seed=4))]
-    return {"mixed": _write(root / "mixed.jsonl", mixed),
+    return {"mixed": _write(root / "mixed.jsonl", synth_rows("small_addition_mixed", 2000, seed=1)),
             "plain": _write(root / "plain.jsonl", synth_rows("small_addition", 2000, seed=6)),
             "prompts": _write(root / "prompts.jsonl", synth_rows("small_addition", 600, seed=2)),
             "eval": _write(root / "eval.jsonl", synth_rows("small_addition", 64, seed=3)),
@@ -80,11 +70,17 @@ def _evals(run_dir, key="eval_reward"):
     return [r[key] for r in _rows(run_dir) if key in r]
 
 
-@pytest.mark.parametrize("estimator, steps, margin", [("grpo", 30, 0.15), ("rloo", 30, 0.1),
-                                                      ("reinforce_pp", 30, 0.1)])
-def test_group_rl_raises_held_out_exact_match_reward(sft_mixed, rl_data, tmp_path, estimator, steps, margin):
+# rloo trains a LoRA policy with a KL loss to its adapter-disabled base: the engines get
+# the merged weights each step, and the reference costs no second model.
+LORA_WITH_KL = ["peft.method=lora", "train.lr=1e-3", "algo.kl_coef=0.05", "algo.kl_in=loss"]
+
+
+@pytest.mark.parametrize("estimator, steps, margin, extra", [("grpo", 30, 0.15, []), ("rloo", 30, 0.1, LORA_WITH_KL),
+                                                             ("reinforce_pp", 30, 0.1, [])])
+def test_group_rl_raises_held_out_exact_match_reward(sft_mixed, rl_data, tmp_path, estimator, steps, margin, extra):
     config, summary = _rl(tmp_path, estimator, sft_mixed, rl_data, "grpo", f"algo.estimator={estimator}",
-                          "rewards.rewards=[{fn: exact_match}]", f"train.max_steps={steps}", "train.eval_every=10")
+                          "rewards.rewards=[{fn: exact_match}]", f"train.max_steps={steps}", "train.eval_every=10",
+                          *extra)
     evals = _evals(config.run_dir)
     assert evals[0] == 0.0, evals  # the start model answers in the unrewarded style
     assert evals[-1] >= evals[0] + margin, evals
@@ -96,7 +92,10 @@ def test_group_rl_raises_held_out_exact_match_reward(sft_mixed, rl_data, tmp_pat
     timing = summary["timing_s_per_step"]
     assert all(timing[k] > 0 for k in ("generate", "score", "train", "sync", "step"))
     assert summary["final_eval_reward"] == evals[-1]
-    assert (config.run_dir / "final" / "model.safetensors").exists()
+    final = config.run_dir / "final"
+    assert (final / ("adapter_model.safetensors" if extra else "model.safetensors")).exists()
+    if extra:
+        assert steps_rows[-1]["kl"] > 0
     if estimator == "grpo":
         html = (config.run_dir / "report.html").read_text()
         for panel in ("Reward", "Response length (tokens)", "Step time (s)"):
@@ -131,34 +130,12 @@ def test_on_policy_distillation_lowers_divergence_to_the_teacher(sft_mixed, rl_d
     assert summary["timing_s_per_step"]["teacher"] > 0
 
 
-def _train_worker_pids():
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
-
-
 def test_killed_worker_resumes_with_the_same_remaining_prompts(sft_mixed, rl_data, tmp_path):
     steps, save_every = 12, 4
     args = ["rewards.rewards=[{fn: exact_match}]", f"train.max_steps={steps}", f"train.save_every={save_every}",
             "cluster.max_failures=2", "cluster.num_workers=2", "algo.prompts_per_step=4", "algo.eval_prompts=8"]
-    name = "crash"
-    run_dir = tmp_path / name
-    killed = []
-
-    def kill_after_first_checkpoint():
-        deadline = time.time() + 300
-        while time.time() < deadline and not killed:
-            snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
-            if snapshot.exists() and f"step_{save_every:08d}" in snapshot.read_text():
-                pids = _train_worker_pids()
-                if len(pids) >= 2:
-                    os.kill(max(pids), signal.SIGKILL)
-                    killed.append(max(pids))
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    killer.start()
-    config, summary = _rl(tmp_path, name, sft_mixed, rl_data, "grpo", *args)
-    killer.join(timeout=5)
+    with kill_a_worker_after_checkpoint(tmp_path / "crash", save_every) as killed:
+        config, summary = _rl(tmp_path, "crash", sft_mixed, rl_data, "grpo", *args)
     assert killed, "no worker was killed"
 
     rows = _rows(config.run_dir)

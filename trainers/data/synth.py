@@ -31,6 +31,15 @@ def small_addition(rng: random.Random) -> tuple[str, str]:
     return f"What is {a} + {b}?", str(a + b)
 
 
+def small_addition_mixed(rng: random.Random) -> tuple[str, str, str]:
+    """Single-digit sums answered in two styles, half bare ("7") and half verbose ("The
+    answer is 7."); the reference is the bare answer. A model trained on it answers
+    greedily in the verbose style, so exact match starts near 0 and RL has a style to learn."""
+    question, answer = small_addition(rng)
+    shown = answer if rng.random() < 0.5 else f"The answer is {answer}."
+    return question, shown, answer
+
+
 def reverse(rng: random.Random) -> tuple[str, str]:
     word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
     return f"Reverse: {word}", word[::-1]
@@ -59,9 +68,12 @@ def addition_preference(rng: random.Random) -> tuple[str, str, str]:
 
 # name -> function drawing one (question, answer) pair from the generator
 TASKS: dict[str, Callable[[random.Random], tuple]] = {
-    "addition": addition, "small_addition": small_addition, "reverse": reverse, "sentiment": sentiment, "addition_pref": addition_preference}
+    "addition": addition, "small_addition": small_addition,
+    "small_addition_mixed": small_addition_mixed, "reverse": reverse, "sentiment": sentiment, "addition_pref": addition_preference}
 # Tasks whose pairs are (text, label) classification rows rather than chat turns.
 CLASSIFICATION_TASKS = {"sentiment"}
+# Chat tasks whose shown answer differs from the reference: (question, answer, reference).
+STYLED_TASKS = {"small_addition_mixed"}
 # Tasks that draw (prompt, chosen, rejected) preference rows.
 PREFERENCE_TASKS = {"addition_pref"}
 
@@ -79,13 +91,17 @@ def synth_rows(task: str, n: int, seed: int = 0) -> list[dict]:
             prompt, chosen, rejected = TASKS[task](rng)
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
             continue
-        question, answer = TASKS[task](rng)
+        if task in STYLED_TASKS:
+            question, answer, reference = TASKS[task](rng)
+        else:
+            question, answer = TASKS[task](rng)
+            reference = answer
         if task in CLASSIFICATION_TASKS:
             rows.append({"text": question, "label": answer})
             continue
         rows.append({"messages": [{"role": "user", "content": question},
                                   {"role": "assistant", "content": answer}],
-                     "reference": answer})
+                     "reference": reference})
     return rows
 
 
