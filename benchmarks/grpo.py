@@ -10,10 +10,12 @@ One step on both sides: draw `prompts` chat prompts of the synthetic task, sampl
 exact match against the row's reference, group-normalise the rewards (GRPO), and take one
 optimizer step on all of them (no KL term, no reference model, one pass).
 
-Steady state, the same for both: the steps after step `warmup` divided by the wall time
-from the end of step `warmup` to the end of the last step. It leaves out model loading,
-Ray and engine start-up and the first steps' one-off costs (vLLM's warm-up, allocator
-growth); the wall time with all of that is reported beside it.
+Steady state, the same for both, leaves out model loading, Ray and engine start-up and
+the first `warmup` steps' one-off costs (vLLM's warm-up, allocator growth), two ways:
+the median step (60 / the median duration of the steps after `warmup`), which stays put
+when other processes share the machine's cores, and the mean (the steps after `warmup`
+over the wall time from the end of step `warmup` to the end of the last), which counts
+every stall. The wall time with start-up is reported beside them.
 rayft's step ends are the moments its step rows appear in the run's metrics.jsonl
 (polled every 20 ms); TRL's come from a trainer callback's `on_step_end`.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -63,13 +66,15 @@ class Settings:
         return self.warmup + self.steps
 
 
-def steady_rate(step_ends: dict[int, float], warmup: int, total: int) -> float:
-    """Steps per minute between the end of step `warmup` and the end of step `total`
-    (`step_ends`: step number -> the time it ended, in seconds)."""
-    missing = [s for s in (warmup, total) if s not in step_ends]
+def steady_rates(step_ends: dict[int, float], warmup: int, total: int) -> dict:
+    """Steps per minute after step `warmup` up to step `total`, from the median step and
+    from the mean (`step_ends`: step number -> the time it ended, in seconds)."""
+    missing = [s for s in range(warmup, total + 1) if s not in step_ends]
     if missing:
         raise RuntimeError(f"no end time for step {missing[0]} (seen: {sorted(step_ends)})")
-    return 60.0 * (total - warmup) / (step_ends[total] - step_ends[warmup])
+    durations = [step_ends[s] - step_ends[s - 1] for s in range(warmup + 1, total + 1)]
+    return {"steps_per_min_median": 60.0 / statistics.median(durations),
+            "steps_per_min_mean": 60.0 * (total - warmup) / (step_ends[total] - step_ends[warmup])}
 
 
 def step_seconds(step_ends: dict[int, float]) -> list[float]:
@@ -130,7 +135,7 @@ def run_reference(model_dir: Path, rows: list[dict], s: Settings, workdir: Path)
     with Timer() as wall:
         trainer.train()
     measured = [h for h in trainer.state.log_history if s.warmup < h.get("step", 0) and "reward" in h]
-    return {"steps_per_min": steady_rate(ends, s.warmup, s.total_steps), "wall_s": wall.seconds,
+    return {**steady_rates(ends, s.warmup, s.total_steps), "wall_s": wall.seconds,
             "step_seconds": step_seconds(ends),
             "mean_reward": mean(h["reward"] for h in measured),
             "mean_response_tokens": mean(h.get("completions/mean_length") for h in measured),
@@ -208,7 +213,7 @@ def run_rayft(model_dir: Path, data_path: Path, s: Settings, workdir: Path) -> d
     measured = [r for r in rows if "event" not in r and r.get("step", 0) > s.warmup]
     phases = {key: mean(r.get(key) for r in measured)
               for key in ("generate_s", "score_s", "train_s", "sync_s", "step_s")}
-    return {"steps_per_min": steady_rate(watcher.ends, s.warmup, s.total_steps), "wall_s": wall.seconds,
+    return {**steady_rates(watcher.ends, s.warmup, s.total_steps), "wall_s": wall.seconds,
             "step_seconds": step_seconds(watcher.ends),
             "mean_reward": mean(r.get("reward_mean") for r in measured),
             "mean_response_tokens": mean(r.get("response_length") for r in measured),
@@ -245,16 +250,16 @@ def run(s: Settings, reference_only: bool = False) -> dict:
         model_dir, data_path, rows = prepare(s, workdir)
         rayft = None if reference_only else run_rayft(model_dir, data_path, s, workdir)
         reference = run_reference(model_dir, rows, s, workdir)
-    result = {"settings": {**asdict(s), "steady_state": f"steps {s.warmup + 1}..{s.total_steps}, "
-                                                         "wall time between step ends"},
+    result = {"settings": {**asdict(s), "steady_state": f"steps {s.warmup + 1}..{s.total_steps}: "
+                                                         "median step, and steps over their wall time"},
               "reference": reference, "rayft": rayft, "differences": DIFFERENCES}
     if rayft:
         name = f"TRL {reference['trl']} GRPOTrainer"
-        result["rows"] = [
-            {"metric": "GRPO steps/min (steady state)", "rayft": rayft["steps_per_min"],
-             "reference": reference["steps_per_min"], "reference_name": name},
-            {"metric": f"GRPO wall time, {s.total_steps} steps with start-up, s", "rayft": rayft["wall_s"],
-             "reference": reference["wall_s"], "reference_name": name}]
+        rows = [("steps_per_min_median", "GRPO steps/min, median step"),
+                ("steps_per_min_mean", f"GRPO steps/min, steps {s.warmup + 1}-{s.total_steps} wall time"),
+                ("wall_s", f"GRPO wall time, {s.total_steps} steps with start-up, s")]
+        result["rows"] = [{"metric": metric, "rayft": rayft[key], "reference": reference[key], "reference_name": name}
+                          for key, metric in rows]
     return result
 
 
@@ -275,6 +280,6 @@ def main(argv=None) -> None:
         return
     print(write_result("grpo", result))
     update_performance_doc()
-    rayft, reference = result["rayft"], result["reference"]
-    print(f"rayft {rayft['steps_per_min']:.1f} steps/min vs TRL {reference['steps_per_min']:.1f} steps/min "
-          f"(x{rayft['steps_per_min'] / reference['steps_per_min']:.2f})")
+    for row in result["rows"]:
+        print(f"{row['metric']}: rayft {row['rayft']:.1f}, TRL {row['reference']:.1f} "
+              f"(x{row['rayft'] / row['reference']:.2f})")

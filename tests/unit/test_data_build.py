@@ -43,7 +43,7 @@ def test_synth_file_parses_for_sft_and_rl(synth_files):
 
 
 def test_synth_unknown_task_and_exact_match():
-    with pytest.raises(UserError, match="addition, reverse"):
+    with pytest.raises(UserError, match="addition, small_addition, small_addition_mixed, reverse"):
         synth_rows("multiplication", 3)
     assert exact_match(" 68\n", "68") and not exact_match("6 8", "68")
 
