@@ -267,7 +267,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks grpo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = Settings()
-    for key in ("preset", "task", "steps", "warmup", "prompts", "samples", "new_tokens", "lr"):
+    for key in ("preset", "pretrain_steps", "task", "steps", "warmup", "prompts", "samples", "new_tokens", "lr"):
         value = getattr(defaults, key)
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value,
                             help=f"default {value}")

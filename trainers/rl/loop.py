@@ -112,10 +112,12 @@ class RLLoop:
         metrics.update(self.objective.prepare(exp, self.algo.samples_per_prompt))
         metrics.update(self.update(exp))
         timings["train_s"] = time.perf_counter() - t
-        self.kl.update(metrics.get("kl", 0.0) * metrics["response_length"], len(exp) * self.worker.world_size)
         timings["sync_s"] = self.sync()
         timings["step_s"] = time.perf_counter() - started
-        return self.reduce({**metrics, **timings}) | {"kl_coef": self.kl.coef}
+        row = self.reduce({**metrics, **timings})
+        # From the all-reduced KL, so every worker keeps the same coefficient.
+        self.kl.update(row.get("kl", 0.0) * row["response_length"], len(exp) * self.worker.world_size)
+        return row | {"kl_coef": self.kl.coef}
 
     # -- the parts of a step ----------------------------------------------------------
 
