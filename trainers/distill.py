@@ -5,63 +5,21 @@ of the hard labels and the teacher's softened distribution,
     loss = ce_weight * CE + (1 - ce_weight) * T^2 * D(teacher_T, student_T)
 
 summed over tokens, where D is `distill.loss` (forward KL, reverse KL or the generalised
-JSD) and x_T = softmax(logits / T). This module owns that method, the per-token divergence
-the on-policy mode reuses (`token_divergence`), and the driver-side check of the teacher
-directory (`check_teacher`), which reads configs only and loads no weights."""
+JSD; `trainers.rl_losses.token_divergence`, which on-policy distillation uses too) and
+x_T = softmax(logits / T). This module owns that method and the driver-side check of the
+teacher directory (`check_teacher`), which reads configs only and loads no weights."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from trainers.data.records import IGNORE_INDEX
 from trainers.errors import ConfigError
 from trainers.losses import token_nll_sum
 from trainers.method import Method
-
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-
-
-def _kl(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per position, summed over the vocabulary (last dimension)."""
-    return (p_logprobs.exp() * (p_logprobs - q_logprobs)).sum(-1)
-
-
-def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-                     loss: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
-    """Per-token divergence between the teacher's and the student's softened distributions.
-
-    Logits (..., V), already aligned (same position predicts the same token); mask (...),
-    bool or float; returns (...) in float32, zero where mask is 0. Not scaled by T^2:
-    that is the loss's business. The values' masked means are trainers.rl_losses'
-    forward_kl_with_temperature / T^2, reverse_kl and generalized_jsd, at the same T:
-
-      forward_kl  KL(teacher || student)                (mean seeking)
-      reverse_kl  KL(student || teacher)                (mode seeking)
-      jsd         beta KL(T || M) + (1 - beta) KL(S || M), M = beta T + (1 - beta) S;
-                  beta 0 is forward KL, beta 1 reverse KL (GKD, Agarwal et al. 2023)
-    """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ (same tokenizer and vocabulary needed)")
-    student = F.log_softmax(student_logits.float() / temperature, -1)
-    teacher = F.log_softmax(teacher_logits.float() / temperature, -1)
-    if loss == "forward_kl" or (loss == "jsd" and beta == 0.0):
-        per_token = _kl(teacher, student)
-    elif loss == "reverse_kl" or (loss == "jsd" and beta == 1.0):
-        per_token = _kl(student, teacher)
-    elif loss == "jsd":
-        if not 0.0 < beta < 1.0:
-            raise ValueError(f"beta must lie in [0, 1], got {beta}")
-        mixture = torch.logsumexp(torch.stack([teacher + math.log(beta), student + math.log(1 - beta)]), 0)
-        per_token = beta * _kl(teacher, mixture) + (1 - beta) * _kl(student, mixture)
-    else:
-        raise ValueError(f"unknown divergence {loss!r}; expected one of {DIVERGENCES}")
-    return per_token * mask.to(per_token.dtype)
-
+from trainers.rl_losses import token_divergence
 
 class DistillMethod(Method):
     """Offline distillation on SFT batches; the teacher is a frozen, eval-mode causal LM."""

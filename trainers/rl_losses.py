@@ -222,52 +222,64 @@ def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 # -- distillation ----------------------------------------------------------------------------
 
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
 def _token_kl(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per position, summed over the vocabulary: sum_v p_v (log p_v - log q_v)."""
     return (p_logprobs.exp() * (p_logprobs - q_logprobs)).sum(-1)
 
 
-def forward_kl_with_temperature(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-                                temperature: float = 1.0) -> torch.Tensor:
-    """Hinton distillation: T^2 * KL(teacher_T || student_T), masked mean over tokens, with
-    x_T = softmax(logits / T). The T^2 keeps gradient magnitudes independent of T."""
+def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                     loss: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token divergence between the teacher's and the student's distributions at
+    temperature T (x_T = softmax(logits / T)); logits (..., V) aligned, mask (...);
+    returns (...) float32, zero where mask is 0. Not scaled by T^2 (the caller's choice).
+
+      forward_kl  KL(teacher || student)                mean seeking (Hinton distillation)
+      reverse_kl  KL(student || teacher)                mode seeking
+      jsd         generalized JSD of GKD (Agarwal et al. 2023, Eq. 1), exactly as TRL's
+                  `GKDTrainer.generalized_jsd_loss`, with M = beta * T + (1 - beta) * S:
+                    0 < beta < 1:  beta * KL(T || M) + (1 - beta) * KL(S || M)
+                    beta == 0:     KL(T || S)   (forward KL)
+                    beta == 1:     KL(S || T)   (reverse KL)
+                  The endpoints are special cases, not limits: the interior formula tends to
+                  0 as beta goes to 0 or 1 (JSD_beta ~ beta * KL(T || S) near 0), and by
+                  convexity JSD_beta <= beta (1 - beta) (KL(T || S) + KL(S || T)).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ (same tokenizer and vocabulary needed)")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
     student = F.log_softmax(student_logits.float() / temperature, -1)
     teacher = F.log_softmax(teacher_logits.float() / temperature, -1)
-    return temperature ** 2 * masked_mean(_token_kl(teacher, student), mask)
+    if loss == "forward_kl" or (loss == "jsd" and beta == 0.0):
+        per_token = _token_kl(teacher, student)
+    elif loss == "reverse_kl" or (loss == "jsd" and beta == 1.0):
+        per_token = _token_kl(student, teacher)
+    elif loss == "jsd":
+        mixture = torch.logsumexp(torch.stack([teacher + math.log(beta), student + math.log(1 - beta)]), 0)
+        per_token = beta * _token_kl(teacher, mixture) + (1 - beta) * _token_kl(student, mixture)
+    else:
+        raise ValueError(f"unknown divergence {loss!r}; expected one of {DIVERGENCES}")
+    return per_token * mask.to(per_token.dtype)
+
+
+def forward_kl_with_temperature(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                                temperature: float = 1.0) -> torch.Tensor:
+    """Hinton distillation: T^2 * KL(teacher_T || student_T), masked mean over tokens.
+    The T^2 keeps gradient magnitudes independent of T."""
+    per_token = token_divergence(student_logits, teacher_logits, mask, "forward_kl", temperature=temperature)
+    return temperature ** 2 * masked_mean(per_token, mask)
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL(student || teacher) per token (mode-seeking), masked mean over tokens."""
-    student = F.log_softmax(student_logits.float(), -1)
-    teacher = F.log_softmax(teacher_logits.float(), -1)
-    return masked_mean(_token_kl(student, teacher), mask)
+    return masked_mean(token_divergence(student_logits, teacher_logits, mask, "reverse_kl"), mask)
 
 
 def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                     beta: float = 0.5) -> torch.Tensor:
-    """Generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2023, Eq. 1) exactly as
-    TRL's `GKDTrainer.generalized_jsd_loss`, masked mean over tokens. With S = student,
-    T = teacher distributions:
-
-      0 < beta < 1:  M = beta * T + (1 - beta) * S
-                     JSD_beta = beta * KL(T || M) + (1 - beta) * KL(S || M)
-      beta == 0:     KL(T || S)   forward KL, the forward_kl_with_temperature loss at T = 1
-      beta == 1:     KL(S || T)   reverse KL, reverse_kl
-
-    The endpoints are special cases, not limits: the interior formula tends to 0 as beta
-    goes to 0 or 1 (JSD_beta ~ beta * KL(T || S) near 0), and by convexity of KL in its
-    second argument JSD_beta <= beta (1 - beta) (KL(T || S) + KL(S || T)) <= half the larger KL.
-    beta = 0.5 is the symmetric JSD.
-    """
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must lie in [0, 1], got {beta}")
-    student = F.log_softmax(student_logits.float(), -1)
-    teacher = F.log_softmax(teacher_logits.float(), -1)
-    if beta == 0.0:
-        per_token = _token_kl(teacher, student)
-    elif beta == 1.0:
-        per_token = _token_kl(student, teacher)
-    else:
-        mixture = torch.logsumexp(torch.stack([teacher + math.log(beta), student + math.log(1 - beta)]), 0)
-        per_token = beta * _token_kl(teacher, mixture) + (1 - beta) * _token_kl(student, mixture)
-    return masked_mean(per_token, mask)
+    """The generalized JSD of `token_divergence` (loss jsd), masked mean over tokens."""
+    return masked_mean(token_divergence(student_logits, teacher_logits, mask, "jsd", beta), mask)

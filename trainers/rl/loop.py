@@ -211,7 +211,7 @@ class RLLoop:
     @torch.no_grad()
     def eval_divergence(self, exp: Experience) -> float:
         """Summed per-token divergence student vs teacher on the given responses."""
-        from trainers.distill import token_divergence
+        from trainers.rl_losses import token_divergence
 
         model = self.strategy.model
         model.eval()

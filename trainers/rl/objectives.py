@@ -116,7 +116,7 @@ class OnPolicyDistill(Objective):
         return {}
 
     def loss(self, logits, values, mb):
-        from trainers.distill import token_divergence
+        from trainers.rl_losses import token_divergence
 
         d = self.distill
         per_token = token_divergence(logits, mb.teacher_logprobs, mb.mask, d.loss, d.beta, d.temperature)
