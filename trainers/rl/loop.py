@@ -110,7 +110,7 @@ class RLLoop:
         t = time.perf_counter()
         metrics.update(self.score_old(exp))
         metrics.update(self.objective.prepare(exp, self.algo.samples_per_prompt))
-        metrics.update(self.update(exp))
+        metrics.update(self.update(exp, step))
         timings["train_s"] = time.perf_counter() - t
         timings["sync_s"] = self.sync()
         timings["step_s"] = time.perf_counter() - started
@@ -152,10 +152,11 @@ class RLLoop:
             metrics["kl"] = float((kl * exp.mask).sum() / exp.mask.sum().clamp(min=1))
         return metrics
 
-    def update(self, exp: Experience) -> dict:
+    def update(self, exp: Experience, step: int) -> dict:
         model, sums, count = self.strategy.model, {}, 0
         model.train()
-        generator = torch.Generator().manual_seed(self.job.train.seed * 7919 + len(exp))
+        # Mini-batch order: seeded by step, the same on a resumed run.
+        generator = torch.Generator().manual_seed(self.job.train.seed * 1_000_003 + step)
         for _ in range(self.algo.ppo_epochs):
             order = torch.randperm(len(exp), generator=generator)
             for rows in self.chunks(len(exp)):
