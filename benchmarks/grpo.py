@@ -3,12 +3,14 @@ a reward actor) against TRL's `GRPOTrainer` (transformers `generate` in one proc
 the same local model, prompts, reward and settings, as steady-state steps per minute.
 
     python -m benchmarks grpo [--preset tiny] [--steps 100] [--warmup 2] [--prompts 8]
-                              [--samples 4] [--new-tokens 32] [--reference-only]
+                              [--samples 4] [--new-tokens 32] [--trl-threads 1] [--reference-only]
 
 One step on both sides: draw `prompts` chat prompts of the synthetic task, sample
 `samples` responses each (temperature 1, at most `new-tokens` tokens), score them with
 exact match against the row's reference, group-normalise the rewards (GRPO), and take one
-optimizer step on all of them (no KL term, no reference model, one pass).
+optimizer step on all of them (no KL term, no reference model, one pass). TRL's torch runs
+on 1 thread, as Ray runs that of rayft's training worker (1 CPU); `--trl-threads 0` gives
+it every core.
 
 Steady state, the same for both, leaves out model loading, Ray and engine start-up and
 the first `warmup` steps' one-off costs (vLLM's warm-up, allocator growth), two ways:
@@ -40,8 +42,8 @@ DIFFERENCES = [
     "the update, even with one pass; TRL with num_iterations=1 skips it (its importance ratio is exactly 1)",
     "rayft samples with vLLM in an engine actor and pushes the new weights to it every step; TRL calls "
     "transformers generate in the training process, where the weights already are",
-    "rayft's training worker, engine and reward actor each reserve 1 CPU (their torch runs on that share); "
-    "TRL's one process runs torch on every core",
+    "rayft's training worker, engine and reward actor each reserve 1 CPU (Ray runs their torch on 1 thread); "
+    "TRL's one process runs torch on settings.trl_threads threads (0: every core)",
     "TRL loss_type dapo (token losses averaged over every response token of the batch) is rayft's "
     "aggregation token with one mini-batch",
 ]
@@ -60,6 +62,9 @@ class Settings:
     temperature: float = 1.0
     lr: float = 1e-5
     seed: int = 0
+    # torch threads of TRL's process: 1 matches rayft's training worker (1 CPU, so Ray runs its
+    # torch on 1 thread) and keeps both steady when other processes share the cores; 0 = every core
+    trl_threads: int = 1
 
     @property
     def total_steps(self) -> int:
@@ -110,6 +115,8 @@ def run_reference(model_dir: Path, rows: list[dict], s: Settings, workdir: Path)
 
     from trainers.models import load_causal_lm, load_tokenizer
 
+    if s.trl_threads:
+        torch.set_num_threads(s.trl_threads)
     dataset = Dataset.from_list([{"prompt": row["messages"][:1], "reference": row["reference"]} for row in rows])
     ends: dict[int, float] = {}
 
@@ -267,7 +274,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks grpo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = Settings()
-    for key in ("preset", "pretrain_steps", "task", "steps", "warmup", "prompts", "samples", "new_tokens", "lr"):
+    for key in ("preset", "pretrain_steps", "task", "steps", "warmup", "prompts", "samples", "new_tokens", "lr",
+                "trl_threads"):
         value = getattr(defaults, key)
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value,
                             help=f"default {value}")
