@@ -125,6 +125,12 @@ class RLLoop:
         size = -(-n // self.algo.mini_batches)
         return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
 
+    @property
+    def single_pass(self) -> bool:
+        """One update over the whole rollout batch, nothing needed before it: the update's
+        own forward pass gives the rollout policy's log-probs (no separate scoring pass)."""
+        return self.algo.ppo_epochs == 1 and self.algo.mini_batches == 1 and not self.objective.needs_old_pass
+
     @torch.no_grad()
     def score_old(self, exp: Experience) -> dict:
         """Log-probs (and values) under the policy that sampled, and under the reference."""
@@ -133,27 +139,35 @@ class RLLoop:
         old, raw, values, ref = [], [], [], []
         for rows in self.chunks(len(exp)):
             mb = exp.rows(rows)
-            logits, v = model(mb.input_ids, mb.attention_mask, mb.position_ids)
-            logits = response_logits(logits, mb)
-            old.append(token_logp(logits, mb.response_ids, self.algo.temperature))
-            raw.append(token_logp(logits, mb.response_ids))
-            if v is not None:
-                values.append(v[:, mb.prompt_width - 1:mb.prompt_width - 1 + mb.response_ids.shape[1]])
+            if not self.single_pass:
+                logits, v = model(mb.input_ids, mb.attention_mask, mb.position_ids)
+                logits = response_logits(logits, mb)
+                old.append(token_logp(logits, mb.response_ids, self.algo.temperature))
+                raw.append(token_logp(logits, mb.response_ids))
+                if v is not None:
+                    values.append(v[:, mb.prompt_width - 1:mb.prompt_width - 1 + mb.response_ids.shape[1]])
             if self.reference is not None:
                 ref_logits = self.reference.logits(model, mb.input_ids, mb.attention_mask, mb.position_ids)
                 ref.append(token_logp(response_logits(ref_logits, mb), mb.response_ids, self.algo.temperature))
+        exp.ref_logp = torch.cat(ref) if ref else None
+        if self.single_pass:
+            return {}
         exp.old_logp = torch.cat(old)
         exp.old_values = torch.cat(values) if values else None
-        exp.ref_logp = torch.cat(ref) if ref else None
-        gap = (torch.cat(raw) - exp.engine_logp).abs() * exp.mask
-        metrics = {"logprob_diff": float(gap.sum() / exp.mask.sum().clamp(min=1)), "logprob_diff_max": float(gap.max())}
+        return self.rollout_metrics(torch.cat(raw), exp)
+
+    def rollout_metrics(self, raw_logp: torch.Tensor, exp: Experience) -> dict:
+        """Engine vs trainer log-prob gap on the sampled tokens, and the KL to the reference,
+        at the weights that sampled them."""
+        gap = (raw_logp - exp.engine_logp).abs() * exp.mask
+        tokens = exp.mask.sum().clamp(min=1)
+        metrics = {"logprob_diff": float(gap.sum() / tokens), "logprob_diff_max": float(gap.max())}
         if exp.ref_logp is not None:
-            kl = self.objective.token_kl(exp.old_logp, exp.ref_logp)
-            metrics["kl"] = float((kl * exp.mask).sum() / exp.mask.sum().clamp(min=1))
+            metrics["kl"] = float((self.objective.token_kl(exp.old_logp, exp.ref_logp) * exp.mask).sum() / tokens)
         return metrics
 
     def update(self, exp: Experience, step: int) -> dict:
-        model, sums, count = self.strategy.model, {}, 0
+        model, sums, count, first = self.strategy.model, {}, 0, {}
         model.train()
         # Mini-batch order: seeded by step, the same on a resumed run.
         generator = torch.Generator().manual_seed(self.job.train.seed * 1_000_003 + step)
@@ -165,14 +179,19 @@ class RLLoop:
                 width = mb.response_ids.shape[1]
                 if values is not None:
                     values = values[:, mb.prompt_width - 1:mb.prompt_width - 1 + width]
-                loss, stats = self.objective.loss(response_logits(logits, mb), values, mb)
+                logits = response_logits(logits, mb)
+                if mb.old_logp is None:  # single pass: this forward is the rollout policy's
+                    with torch.no_grad():
+                        mb.old_logp = token_logp(logits, mb.response_ids, self.algo.temperature)
+                        first = self.rollout_metrics(token_logp(logits, mb.response_ids), mb)
+                loss, stats = self.objective.loss(logits, values, mb)
                 self.strategy.backward(loss)
                 stats["grad_norm"] = self.strategy.step()
                 stats["loss"] = loss.detach()
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
                 count += 1
-        return {k: v / count for k, v in sums.items()} | {"lr": self.strategy.lr}
+        return {k: v / count for k, v in sums.items()} | first | {"lr": self.strategy.lr}
 
     def sync(self) -> float:
         """Rank 0 pushes the policy to the engines; every worker waits for it (so no one

@@ -48,6 +48,12 @@ class Objective:
         """The coefficient of the KL inside the reward (0 when the KL is a loss term)."""
         return self.kl.coef if self.algo.kl_in == "reward" else 0.0
 
+    @property
+    def needs_old_pass(self) -> bool:
+        """Whether `prepare` needs the rollout policy's log-probs (or values) before the
+        update starts; otherwise a single-pass update takes them from its own forward."""
+        return self.reward_kl_coef() > 0
+
     def prepare(self, exp: Experience, group_size: int) -> dict[str, float]:
         raise NotImplementedError
 
@@ -69,6 +75,7 @@ class Objective:
 
 class PPO(Objective):
     needs_values = True
+    needs_old_pass = True
 
     def prepare(self, exp, group_size):
         kl = self.token_kl(exp.old_logp, exp.ref_logp)
@@ -90,8 +97,8 @@ class GroupRL(Objective):
 
     def prepare(self, exp, group_size):
         algo = self.algo
-        kl = self.token_kl(exp.old_logp, exp.ref_logp)
         coef = self.reward_kl_coef()
+        kl = self.token_kl(exp.old_logp, exp.ref_logp) if coef else torch.zeros_like(exp.mask)
         if algo.estimator == "reinforce_pp":
             exp.advantages = reinforce_pp_advantages(exp.scores, exp.mask, kl, coef, algo.gamma)
             return {}
