@@ -9,7 +9,7 @@ EXTRA  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 DEMO   ?= runs/demo
 export DS_ACCELERATOR ?= $(if $(filter cpu,$(EXTRA)),cpu,)
 
-.PHONY: setup demo test test-fast test-integration test-e2e clean
+.PHONY: setup demo test test-fast test-integration test-e2e bench clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,11 @@ test-integration: setup
 
 test-e2e: setup
 	$(PY) -m pytest tests/e2e -q
+
+# Side-by-side benchmarks against the references (TRL comes with the bench extra).
+bench: setup
+	$(PY) -m pip install -q -e '.[$(EXTRA),dev,bench]'
+	$(PY) -m benchmarks all
 
 clean:
 	rm -rf runs models data .pytest_cache
