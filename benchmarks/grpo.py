@@ -38,8 +38,8 @@ from benchmarks.common import CACHE, Timer, bench_model, update_performance_doc,
 
 # What the two sides do differently although the settings match.
 DIFFERENCES = [
-    "rayft scores the sampled responses under the sampling policy in a no-grad forward pass before "
-    "the update, even with one pass; TRL with num_iterations=1 skips it (its importance ratio is exactly 1)",
+    "neither side runs a separate scoring pass with one pass and one mini-batch: both take the "
+    "rollout log-probs from the update's own forward (importance ratio exactly 1)",
     "rayft samples with vLLM in an engine actor and pushes the new weights to it every step; TRL calls "
     "transformers generate in the training process, where the weights already are",
     "rayft's training worker, engine and reward actor each reserve 1 CPU (Ray runs their torch on 1 thread); "
