@@ -85,17 +85,20 @@ class Collector:
         return out
 
     def evaluate(self, records: list, divergence=None) -> dict[str, float]:
-        """Sums over greedy responses to `records`: responses, reward, length and, given a
-        `divergence(experience) -> float`, the summed per-token divergence and token count."""
+        """Sums over greedy responses to `records`: responses, length, reward (when the run
+        has rewards) and, given a `divergence(experience) -> float`, the summed per-token
+        divergence and token count."""
+        rewarded = bool(self.services.reward_actors)
         if not records:
-            sums = {"responses": 0.0, "reward": 0.0, "length": 0.0}
+            sums = {"responses": 0.0, "length": 0.0} | ({"reward": 0.0} if rewarded else {})
             return sums | ({"divergence": 0.0, "tokens": 0.0} if divergence else {})
         greedy = Sampling(n=1, temperature=0.0, max_new_tokens=self.algo.max_new_tokens)
         groups = self.services.pool.generate([r.prompt_messages for r in records], greedy)
         generations = [g for group in groups for g in group]
         scores, _ = self.rewards(records, generations)
-        sums = {"responses": float(len(generations)), "reward": float(sum(scores)),
-                "length": float(sum(len(g.response_ids) for g in generations))}
+        sums = {"responses": float(len(generations)), "length": float(sum(len(g.response_ids) for g in generations))}
+        if rewarded:
+            sums["reward"] = float(sum(scores))
         if divergence is not None:
             exp = build_experience(generations, scores, self.pad_id)
             exp.teacher_logprobs = self.teacher_logprobs(generations, exp.response_ids.shape[1])
