@@ -179,12 +179,20 @@ def with_absolute_paths(config: JobConfig) -> JobConfig:
 
     config = from_dict(JobConfig, to_dict(config))
     config.output_dir = absolute(config.output_dir)
-    config.model.path = absolute(config.model.path)
+    config.model.path = trained_model(absolute(config.model.path))
     for source in (*config.data.train, *config.data.eval):
         source.path = absolute(source.path)
-    config.distill.teacher = absolute(config.distill.teacher)
+    config.distill.teacher = trained_model(absolute(config.distill.teacher))
     config.rewards = config.rewards.with_absolute_paths()
     return config
+
+
+def trained_model(path: str) -> str:
+    """A run directory stands for the model it trained (its final/); any other path is kept."""
+    run = Path(path) if path else None
+    if run and not (run / "config.json").is_file() and (run / "final" / "config.json").is_file():
+        return str(run / "final")
+    return path
 
 
 def to_dict(config) -> dict:

@@ -16,7 +16,7 @@ from trainers.errors import ConfigError
 
 @dataclass
 class ModelConfig:
-    path: str = opt("", "Directory of a transformers model (safetensors weights and tokenizer).")
+    path: str = opt("", "A transformers model directory (safetensors, tokenizer), or a run directory (its final/).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "Weights dtype while training: auto = bfloat16 on GPU, float32 on CPU.")
     trust_remote_code: bool = opt(False, "Allow the model directory's own Python code to run. Off unless you trust it.")

@@ -105,3 +105,19 @@ def test_rl_sections_are_ignored_by_supervised_methods():
     assert not config.uses_rollouts and config.rewards.rewards == []
     assert load_config(None, ["model.path=m", "data.train=d.jsonl", "method=distill", "distill.teacher=t",
                               "distill.mode=on_policy"], "t").uses_rollouts
+
+
+def test_a_run_directory_stands_for_its_final_model(tmp_path):
+    from cluster.config import with_absolute_paths
+
+    run = tmp_path / "runs" / "sft"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "config.json").write_text("{}")
+    plain = tmp_path / "model"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    config = load_config(None, [f"model.path={run}", "data.train=d.jsonl", "method=distill",
+                                f"distill.teacher={plain}"], "t")
+    resolved = with_absolute_paths(config)
+    assert resolved.model.path == str(run / "final")
+    assert resolved.distill.teacher == str(plain)

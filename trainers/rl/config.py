@@ -69,7 +69,7 @@ class DistillConfig:
         "offline", "offline: the teacher's soft labels on the SFT data (data.train), mixed with the CE loss; "
                    "on_policy: the student samples responses from the rollout pool and learns the teacher's "
                    "distribution on them.")
-    teacher: str = opt("", "Teacher model directory (a model or run directory with the student's tokenizer).")
+    teacher: str = opt("", "Teacher: a causal LM directory, or a run directory (its final/), with the student's tokenizer.")
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = opt(
         "forward_kl", "Divergence per token: forward_kl KL(teacher || student) (offline's classic), reverse_kl "
                       "KL(student || teacher) (mode seeking), jsd the generalised JSD with `beta`.")
