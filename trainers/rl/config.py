@@ -12,7 +12,8 @@ from trainers.errors import ConfigError
 
 @dataclass
 class AlgoConfig:
-    prompts_per_step: int = opt(8, "Prompts each worker draws per RL step (the rollout batch is this x samples_per_prompt).")
+    prompts_per_step: int = opt(
+        8, "Prompts each worker draws per RL step (the rollout batch is this x samples_per_prompt).")
     samples_per_prompt: int = opt(4, "Responses sampled per prompt (the group of GRPO / RLOO; 1 is usual for PPO).")
     max_new_tokens: int = opt(32, "Longest sampled response, tokens.")
     temperature: float = opt(1.0, "Sampling temperature of the rollouts.")
@@ -28,7 +29,8 @@ class AlgoConfig:
         "token", "Loss aggregation: token = mean over every response token of the mini-batch; sequence = mean "
                  "per response, then over responses (each response weighs the same).")
     kl_coef: float = opt(0.0, "Weight of the KL to the reference model; 0 = no reference model at all.")
-    kl_estimator: Literal["k1", "k2", "k3"] = opt("k1", "KL estimator per token: k1 log-ratio, k2 half squared log-ratio, k3 the low-variance unbiased one.")
+    kl_estimator: Literal["k1", "k2", "k3"] = opt(
+        "k1", "KL estimator per token: k1 log-ratio, k2 half squared log-ratio, k3 the low-variance unbiased one.")
     kl_in: Literal["reward", "loss"] = opt(
         "reward", "reward: subtract kl_coef * KL from the per-token reward (PPO, REINFORCE++); "
                   "loss: add kl_coef * KL to the loss (GRPO's way).")
@@ -69,11 +71,13 @@ class DistillConfig:
         "offline", "offline: the teacher's soft labels on the SFT data (data.train), mixed with the CE loss; "
                    "on_policy: the student samples responses from the rollout pool and learns the teacher's "
                    "distribution on them.")
-    teacher: str = opt("", "Teacher: a causal LM directory, or a run directory (its final/), with the student's tokenizer.")
+    teacher: str = opt(
+        "", "Teacher: a causal LM directory, or a run directory (its final/), with the student's tokenizer.")
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = opt(
         "forward_kl", "Divergence per token: forward_kl KL(teacher || student) (offline's classic), reverse_kl "
                       "KL(student || teacher) (mode seeking), jsd the generalised JSD with `beta`.")
-    temperature: float = opt(1.0, "Softening temperature of both distributions (the loss is scaled by T^2 as in Hinton et al.).")
+    temperature: float = opt(
+        1.0, "Softening temperature of both distributions (the loss is scaled by T^2 as in Hinton et al.).")
     ce_weight: float = opt(0.5, "offline: weight of the hard-label CE loss; the divergence gets 1 - ce_weight.")
     beta: float = opt(0.5, "jsd: interpolation weight; 0 = forward KL, 1 = reverse KL.")
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Teacher weights dtype.")
