@@ -227,12 +227,6 @@ def run_rayft(model_dir: Path, data_path: Path, s: Settings, workdir: Path) -> d
             "mean_phase_s": phases, "summary_wall_s": summary.get("wall_time_s"), "load_avg": os.getloadavg()}
 
 
-def rayft_has_grpo() -> bool:
-    import cluster.train
-
-    return "grpo" in (*cluster.train.METHODS, *getattr(cluster.train, "RL_METHODS", ()))
-
-
 def prepare(s: Settings, workdir: Path) -> tuple[Path, Path, list[dict]]:
     """The policy (cached across runs) and the prompt file both sides train on."""
     from trainers.data.synth import synth_rows
@@ -245,9 +239,6 @@ def prepare(s: Settings, workdir: Path) -> tuple[Path, Path, list[dict]]:
 
 
 def run(s: Settings, reference_only: bool = False) -> dict:
-    if not reference_only and not rayft_has_grpo():
-        raise SystemExit("rayft has no grpo method to benchmark yet (cluster.train); "
-                         "use --reference-only to time TRL alone")
     load = os.getloadavg()[0]
     if load > (os.cpu_count() or 1):
         print(f"warning: load average {load:.1f} on {os.cpu_count()} cores; both sides' timings will be noisy")

@@ -121,7 +121,7 @@ class JobConfig:
     @property
     def uses_rollouts(self) -> bool:
         """True when the run samples from the rollout pool."""
-        return self.method in ("ppo", "grpo") or (self.method == "distill" and self.distill.mode == "on_policy")
+        return self.method in REWARD_METHODS or (self.method == "distill" and self.distill.mode == "on_policy")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), default_name: str = "") -> JobConfig:

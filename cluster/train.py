@@ -30,7 +30,6 @@ METHODS = {
     "dpo": ("trainers.dpo:DPOMethod", "preference"),
     "distill": ("trainers.distill:DistillMethod", "sft"),  # offline; on-policy runs the RL loop
 }
-RL_METHODS = ("ppo", "grpo", "distill")
 
 
 def run_training(config: JobConfig, echo=print) -> dict:

@@ -11,11 +11,7 @@ import torch
 from trainers.losses import dpo_loss, sequence_logps
 from trainers.method import Method
 from trainers.reward import RewardMethod, pair_batch
-
-
-def unwrap(model):
-    """The module under a DDP or DeepSpeed wrapper."""
-    return getattr(model, "module", model)
+from trainers.strategy import unwrap
 
 
 class DPOMethod(Method):

@@ -45,7 +45,7 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, keep_mean: bool = Fa
     return whitened * mask.to(values.dtype)
 
 
-def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
     """'token': mean over every masked token of the batch (long answers weigh more);
     'sequence': masked mean per sequence, then mean over sequences."""
     if aggregation == "token":
@@ -192,7 +192,7 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + high) * advantages
-    loss = _aggregate(-torch.minimum(unclipped, clipped), mask, aggregation)
+    loss = aggregate(-torch.minimum(unclipped, clipped), mask, aggregation)
     with torch.no_grad():
         stats = {"clip_fraction": masked_mean((clipped < unclipped).to(logp.dtype), mask),
                  "approx_kl": masked_mean(kl_estimate(old_logp, logp, "k3"), mask)}

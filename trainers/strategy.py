@@ -96,6 +96,11 @@ class DDPStrategy:
         return None  # the module itself holds them
 
 
+def unwrap(model) -> torch.nn.Module:
+    """The module under a DDP or DeepSpeed wrapper."""
+    return getattr(model, "module", model)
+
+
 def all_reduce_sum(values: list[float], device) -> list[float]:
     """Sum numbers across workers (identity on one worker)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

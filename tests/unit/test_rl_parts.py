@@ -7,7 +7,7 @@ import torch
 
 from rollout.engine import Generation
 from trainers.rl.config import AlgoConfig
-from trainers.rl.experience import build_experience, response_logits, token_logp
+from trainers.rl.experience import build_experience, at_response, token_logp
 from trainers.rl.model import RLModel, merge_lora, policy_state
 from trainers.rl.objectives import PPO, AdaptiveKL, GroupRL
 
@@ -27,7 +27,7 @@ def test_experience_layout_and_alignment(tiny_model_dir):
     assert exp.position_ids[1].tolist()[2:] == [0, 1, 2, 3]
     with torch.no_grad():
         logits, values = model(exp.input_ids, exp.attention_mask, exp.position_ids)
-        batched = token_logp(response_logits(logits, exp), exp.response_ids)
+        batched = token_logp(at_response(logits, exp), exp.response_ids)
         for i, g in enumerate(gens):  # each sample alone, unpadded
             ids = torch.tensor([g.prompt_ids + g.response_ids])
             alone = torch.log_softmax(model.policy(ids).logits[0].float(), -1)

@@ -2,8 +2,9 @@
 for the trainer (prompts left-padded, responses right-padded, so every response starts
 at the same column), with what the step computes about them before updating (rewards,
 log-probs under the rollout policy and the reference, values, advantages, teacher
-log-probs). `response_logits` runs the model and returns the logits that predict each
-response token; `Experience.rows` cuts a mini-batch."""
+log-probs). `at_response` picks, from a forward pass's per-position outputs (logits,
+values), those at the positions that predict each response token; `Experience.rows` cuts
+a mini-batch."""
 
 from __future__ import annotations
 
@@ -67,10 +68,11 @@ def build_experience(generations: list, scores: list[float], pad_id: int) -> Exp
                       engine_logp, torch.tensor(scores, dtype=torch.float32))
 
 
-def response_logits(model_out_logits: torch.Tensor, exp: Experience) -> torch.Tensor:
-    """(B, R, V): the logits at the positions that predict each response token."""
+def at_response(per_position: torch.Tensor, exp: Experience) -> torch.Tensor:
+    """(B, P + R, ...) -> (B, R, ...): the entries (logits, values) at the positions that
+    predict each response token."""
     start = exp.prompt_width - 1
-    return model_out_logits[:, start:start + exp.response_ids.shape[1]]
+    return per_position[:, start:start + exp.response_ids.shape[1]]
 
 
 def token_logp(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

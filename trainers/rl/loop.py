@@ -23,7 +23,7 @@ from trainers.batching import StepBatches, plan_steps
 from trainers.loop import Progress, Worker, report_checkpoint, restore_progress, seed_everything
 from trainers.metrics import MetricsLog
 from trainers.rl.collect import Collector
-from trainers.rl.experience import Experience, response_logits, token_logp
+from trainers.rl.experience import Experience, at_response, token_logp
 from trainers.rl.model import Reference, build_rl_model, engine_weights, policy_state
 from trainers.rl.objectives import AdaptiveKL, build_objective
 from trainers.setup import describe_trainable
@@ -141,14 +141,14 @@ class RLLoop:
             mb = exp.rows(rows)
             if not self.single_pass:
                 logits, v = model(mb.input_ids, mb.attention_mask, mb.position_ids)
-                logits = response_logits(logits, mb)
+                logits = at_response(logits, mb)
                 old.append(token_logp(logits, mb.response_ids, self.algo.temperature))
                 raw.append(token_logp(logits, mb.response_ids))
                 if v is not None:
-                    values.append(v[:, mb.prompt_width - 1:mb.prompt_width - 1 + mb.response_ids.shape[1]])
+                    values.append(at_response(v, mb))
             if self.reference is not None:
                 ref_logits = self.reference.logits(model, mb.input_ids, mb.attention_mask, mb.position_ids)
-                ref.append(token_logp(response_logits(ref_logits, mb), mb.response_ids, self.algo.temperature))
+                ref.append(token_logp(at_response(ref_logits, mb), mb.response_ids, self.algo.temperature))
         exp.ref_logp = torch.cat(ref) if ref else None
         if self.single_pass:
             return {}
@@ -176,10 +176,9 @@ class RLLoop:
             for rows in self.chunks(len(exp)):
                 mb = exp.rows(order[rows].to(exp.input_ids.device))
                 logits, values = model(mb.input_ids, mb.attention_mask, mb.position_ids)
-                width = mb.response_ids.shape[1]
                 if values is not None:
-                    values = values[:, mb.prompt_width - 1:mb.prompt_width - 1 + width]
-                logits = response_logits(logits, mb)
+                    values = at_response(values, mb)
+                logits = at_response(logits, mb)
                 if mb.old_logp is None:  # single pass: this forward is the rollout policy's
                     with torch.no_grad():
                         mb.old_logp = token_logp(logits, mb.response_ids, self.algo.temperature)
@@ -238,7 +237,7 @@ class RLLoop:
         exp = exp.to(self.worker.device)
         d = self.job.distill
         logits, _ = model(exp.input_ids, exp.attention_mask, exp.position_ids)
-        per_token = token_divergence(response_logits(logits, exp), exp.teacher_logprobs, exp.mask, d.loss, d.beta, 1.0)
+        per_token = token_divergence(at_response(logits, exp), exp.teacher_logprobs, exp.mask, d.loss, d.beta, 1.0)
         return float((per_token * exp.mask).sum())
 
     def save_final(self) -> None:

@@ -8,12 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from trainers.strategy import unwrap
+
 POLICY_PREFIX = "policy."
-
-
-def unwrap(model) -> nn.Module:
-    """The module under a DDP or DeepSpeed wrapper."""
-    return getattr(model, "module", model)
 
 
 class RLModel(nn.Module):

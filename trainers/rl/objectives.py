@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from trainers.rl.experience import Experience, token_logp
-from trainers.rl_losses import (broadcast_to_tokens, entropy_from_logits, gae, grpo_advantages, kl_estimate,
+from trainers.rl_losses import (aggregate, broadcast_to_tokens, entropy_from_logits, gae, grpo_advantages, kl_estimate,
                                 masked_mean, masked_whiten, ppo_policy_loss, reinforce_pp_advantages,
                                 rloo_advantages, token_rewards, value_loss)
 
@@ -127,8 +127,7 @@ class OnPolicyDistill(Objective):
 
         d = self.distill
         per_token = token_divergence(logits, mb.teacher_logprobs, mb.mask, d.loss, d.beta, d.temperature)
-        loss = masked_mean(per_token, mb.mask) if self.algo.aggregation == "token" else \
-            masked_mean(per_token, mb.mask, dim=-1).mean()
+        loss = aggregate(per_token, mb.mask, self.algo.aggregation)
         with torch.no_grad():
             stats = {"divergence": masked_mean(per_token, mb.mask), "entropy": entropy_from_logits(logits, mb.mask)}
         return loss, stats
