@@ -234,6 +234,11 @@ def _coerce(hint, value, key: str):
         if not isinstance(value, list):
             raise ConfigError(key, f"expected a list, got {_kind(value)}")
         return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {_kind(value)}")
+        key_type, value_type = args
+        return {_coerce(key_type, k, f"{key}.{k}"): _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         if isinstance(value, str) and "path" in {f.name for f in dataclasses.fields(hint)}:
             value = {"path": value}  # a bare path stands for {path: ...}
