@@ -21,6 +21,7 @@ EPILOG = textwrap.dedent("""\
       rayft train examples/sft_lora.yaml train.max_steps=50
       rayft eval runs/sft-lora --data data/addition.jsonl
       rayft export runs/sft-lora --out models/merged --merge-lora
+      rayft serve runs/sft-lora --port 8000
     """)
 
 
@@ -139,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score samples and keep the best: exact_match, format, length_penalty, module:function, "
                         "file.py:function or model:DIR; repeat to combine with weights")
     p.set_defaults(func=cmd_generate)
+
+    from cluster.serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -232,7 +237,14 @@ def cmd_generate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from rollout.reward_rules import RewardError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow options (`serve MODEL --port 1 a=b`), which argparse
+    # leaves unparsed once the positionals were filled.
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     try:
         return args.func(args)
     except (UserError, RewardError) as exc:

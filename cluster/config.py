@@ -128,22 +128,28 @@ def load_config(path: str | Path | None, overrides: list[str] = (), default_name
     """YAML file (optional) + `key.sub=value` overrides -> a validated JobConfig."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path}: invalid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: the top level must be a mapping of config keys")
-        default_name = default_name or p.stem
+        data = read_config_file(path)
+        default_name = default_name or Path(path).stem
     for item in overrides:
         apply_override(data, item)
     data.setdefault("name", default_name)
     config = from_dict(JobConfig, data)
     config.validate()
     return config
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A YAML file whose top level is a mapping of config keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of config keys")
+    return data
 
 
 def apply_override(data: dict, item: str) -> None:
