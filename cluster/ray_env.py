@@ -24,11 +24,22 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, verbos
                       configure_logging=True, logging_level="WARNING")
         env = {"env_vars": {k: os.environ[k] for k in (*_WORKER_ENV, "DS_ACCELERATOR") if k in os.environ}}
         if address:
+            use_token_auth_if_available()
             ray.init(address=address, runtime_env=env, **kwargs)
         else:
             cpus = max(os.cpu_count() or 1, math.ceil(num_cpus or 0))
             ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, **kwargs)
     return ray.cluster_resources()
+
+
+def use_token_auth_if_available() -> None:
+    """Joining a cluster by address: send the Ray auth token when this machine has one
+    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token). Ray does this by itself
+    for `address="auto"` but not for an explicit address, whose cluster then refuses the
+    connection when it has token authentication on (the default)."""
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def cluster_has_gpus() -> bool:

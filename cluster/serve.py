@@ -96,6 +96,7 @@ def load_serve_config(args):
 
 
 def serve_model(cfg, address: str | None) -> int:
+    import ray
     from ray import serve
 
     from cluster.ray_env import ensure_ray
@@ -122,6 +123,8 @@ def serve_model(cfg, address: str | None) -> int:
     print(f"ready in {time.perf_counter() - started:.0f}s: {url}  models: {', '.join(served.model_ids())}", flush=True)
     if generated_key:
         print(f"API key (generated, as nothing but loopback was asked for): {generated_key}", flush=True)
+    cluster = address or ray.get_runtime_context().gcs_address
+    print(f"status: rayft serve --status --address {cluster}", flush=True)
     if address:
         print(f"deployed as application '{cfg.app_name}'; stop it with "
               f"`rayft serve --stop {cfg.app_name} --address {address}`")
@@ -149,7 +152,7 @@ def serve_status(address: str) -> dict:
     import ray
     from ray import serve
 
-    _connect(address)
+    connected = _connect(address)
     report = {"applications": {}}
     for app_name, app in serve.status().applications.items():
         deployments = {}
@@ -164,7 +167,8 @@ def serve_status(address: str) -> dict:
                                                                for d in deployments.values())
         report["applications"][app_name] = {"status": str(app.status.value), "healthy": healthy,
                                             "message": app.message, "deployments": deployments}
-    ray.shutdown()
+    if connected:
+        ray.shutdown()
     return report
 
 
@@ -200,12 +204,19 @@ def stop_app(name: str, address: str) -> int:
     return 0
 
 
-def _connect(address: str) -> None:
+def _connect(address: str) -> bool:
+    """Join the cluster unless this process already has; True when it joined here."""
     import ray
 
+    from cluster.ray_env import use_token_auth_if_available
+
+    if ray.is_initialized():
+        return False
+    use_token_auth_if_available()
     try:
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     except ConnectionError as exc:
         raise UserError(f"no Ray cluster at '{address}' ({exc}); a `rayft serve` without --address "
                         "runs its own, found with the default --address auto") from None
+    return True
 

@@ -1,6 +1,6 @@
 """The Ray Serve application for a served model: one Ray Serve LLM engine deployment
-(vLLM) for the base model, its LoRA adapters multiplexed over it, and rayft's ingress in
-front (services.ingress).
+(vLLM) for the base model with its LoRA adapters multiplexed over it (services.engine),
+and rayft's ingress in front (services.ingress).
 
 `build_app(cfg)` is what `rayft serve` deploys; `app_builder(args)` is the same for
 `serve run` and RayService manifests (`import_path: services.app:app_builder`, the
@@ -22,9 +22,10 @@ from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
 
 from services.auth import key_digest
-from services.config import ServeConfig, ServeConfigError
+from services.config import API_KEY_ENV, ServeConfig, ServeConfigError
 from services.ingress import ingress_class
-from services.models import LocalAdapterLoader, ServedModel, resolve_served
+from services.engine import AdapterServer, LocalAdapterLoader
+from services.models import ServedModel, resolve_served
 
 GIB = 1 << 30
 INGRESS_MAX_ONGOING = 100_000  # the ingress only forwards; the engine deployment bounds the work
@@ -36,7 +37,8 @@ def build_app(cfg: ServeConfig, served: ServedModel | None = None) -> Applicatio
     served = served or resolve_served(cfg)
     llm_config = engine_config(cfg, served, use_gpu=_use_gpu(cfg))
     server = build_llm_deployment(
-        llm_config, bind_kwargs={"model_downloader": functools.partial(LocalAdapterLoader, served.adapters)})
+        llm_config, name_prefix="LLMServer:", deployment_cls=AdapterServer,
+        bind_kwargs={"model_downloader": functools.partial(LocalAdapterLoader, served.adapters)})
     ingress = serve.deployment(ingress_class(key_digest(cfg.resolved_api_key()), cfg.retry_after_s),
                                name="RayftIngress", max_ongoing_requests=INGRESS_MAX_ONGOING,
                                ray_actor_options={"num_cpus": 0})
@@ -46,12 +48,17 @@ def build_app(cfg: ServeConfig, served: ServedModel | None = None) -> Applicatio
 
 
 def app_builder(args: dict) -> Application:
-    """Ray Serve's application-builder entry point: `args` holds serve-config keys."""
+    """Ray Serve's application-builder entry point: `args` holds serve-config keys. A
+    deployed application listens beyond loopback, so it must have an API key."""
     names = {f.name for f in dataclasses.fields(ServeConfig)}
     unknown = sorted(set(args) - names)
     if unknown:
         raise ServeConfigError(unknown[0], f"unknown key (valid keys: {', '.join(sorted(names))})")
-    return build_app(ServeConfig(**args))
+    cfg = ServeConfig(**args)
+    if not cfg.resolved_api_key():
+        raise ServeConfigError("api_key", f"a deployed application needs an API key: set ${API_KEY_ENV} "
+                                          "(from a Secret) or api_key")
+    return build_app(cfg)
 
 
 def engine_config(cfg: ServeConfig, served: ServedModel, use_gpu: bool) -> LLMConfig:

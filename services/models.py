@@ -1,19 +1,14 @@
 """What a serve config points at, resolved to directories the engine can load: a run
 directory stands for its final/, a LoRA adapter brings its base model, and every
-adapter served over one base must share it. Also the loader that hands those local
-adapter directories to the engine replicas (Ray Serve LLM downloads adapters from cloud
-storage; ours are already on disk or on shared storage)."""
+adapter served over one base must share it. Everything is checked here, before a
+replica starts: a causal LM in safetensors, LoRA adapters (not DoRA or prompt
+learning) trained on the served base, and a rank the engine accepts."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from ray.llm._internal.common.models import global_id_manager
-from ray.llm._internal.common.utils.lora_utils import get_lora_id
-from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
-from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
 
 from rollout.inputs import check_safetensors
 from services.config import ServeConfig, ServeConfigError
@@ -117,21 +112,3 @@ def _check_adapter(adapter_dir: Path, base_dir: Path, key: str) -> int:
         raise ServeConfigError(key, f"{adapter_dir}: no *.safetensors weights (pickle checkpoints are not loaded)")
     return int(config.get("r") or 0)
 
-
-class LocalAdapterLoader(LoraModelLoader):
-    """Serves adapters from their local directories: `<model_id>:<name>` maps to the
-    directory registered under `name`; nothing is downloaded or copied."""
-
-    def __init__(self, adapters: dict[str, str], **kwargs):
-        super().__init__(**kwargs)
-        self.adapters = dict(adapters)
-
-    async def load_model_from_config(self, lora_model_id: str, llm_config) -> DiskMultiplexConfig:
-        if lora_model_id not in self.disk_cache:
-            name = get_lora_id(lora_model_id)
-            if name not in self.adapters:
-                raise ValueError(f"unknown adapter '{name}'")
-            self.disk_cache[lora_model_id] = DiskMultiplexConfig.model_validate({
-                "model_id": lora_model_id, "max_total_tokens": None, "local_path": self.adapters[name],
-                "lora_assigned_int_id": global_id_manager.next()})
-        return self.disk_cache[lora_model_id]
