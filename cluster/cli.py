@@ -234,9 +234,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from rollout.reward_rules import RewardError
-
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may follow options (`serve MODEL --port 1 a=b`), which argparse
@@ -245,6 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides += extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rollout.reward_rules import RewardError
+
+    args = parse_args(argv)
     try:
         return args.func(args)
     except (UserError, RewardError) as exc:

@@ -6,7 +6,9 @@ import pytest
 
 from cluster.config import load_config
 
-EXAMPLES = sorted(Path(__file__).resolve().parents[2].joinpath("examples").glob("*.yaml"))
+ALL = sorted(Path(__file__).resolve().parents[2].joinpath("examples").glob("*.yaml"))
+SERVE_EXAMPLES = [p for p in ALL if p.name.startswith("serve")]
+EXAMPLES = [p for p in ALL if p not in SERVE_EXAMPLES]
 
 
 def test_there_are_examples():
@@ -19,3 +21,15 @@ def test_example_loads(path):
     assert config.method
     head = path.read_text().splitlines()[:6]
     assert any(line.startswith("#") and f"rayft train examples/{path.name}" in line for line in head)
+
+
+@pytest.mark.parametrize("path", SERVE_EXAMPLES, ids=lambda p: p.name)
+def test_serve_example_loads(path):
+    from cluster.cli import parse_args
+    from cluster.serve import load_serve_config
+
+    config = load_serve_config(parse_args(["serve", "runs/x", "--config", str(path)]))
+    assert config.model == "runs/x"
+    head = path.read_text().splitlines()[:6]
+    assert any(line.startswith("#") and f"rayft serve" in line and f"--config examples/{path.name}" in line
+               for line in head)
