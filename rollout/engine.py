@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Protocol, Union
 
+GIB = 1 << 30
+
 Messages = list[dict]            # [{"role": ..., "content": ...}, ...]
 PromptInput = Union[list[int], Messages]  # token ids, or chat messages rendered by the chat template
 
@@ -52,3 +54,17 @@ class Engine(Protocol):
 
     def load_adapter(self, adapter_dir: str) -> int:
         """Serve a peft LoRA adapter (a new version replaces the last); returns its version."""
+
+
+def vllm_device_kwargs(on_gpu: bool, dtype: str, kv_cache_gb: float, tensor_parallel_size: int,
+                       gpu_memory_utilization: float) -> dict:
+    """The vLLM engine arguments that depend on the device, shared by the rollout engines
+    and the served ones. On CPU, what the CPU build runs: float32 (no bf16 kernels for
+    every op) and eager mode (torch.compile start-up costs minutes for no gain on small
+    models), with the KV cache sized in bytes (VLLM_CPU_KVCACHE_SPACE is whole GiB only,
+    and when set in the environment it still takes precedence, as vLLM's legacy knob)."""
+    if on_gpu:
+        return dict(dtype="bfloat16" if dtype == "auto" else dtype, tensor_parallel_size=tensor_parallel_size,
+                    gpu_memory_utilization=gpu_memory_utilization)
+    return dict(dtype="float32" if dtype == "auto" else dtype, enforce_eager=True,
+                kv_cache_memory_bytes=int(kv_cache_gb * GIB))

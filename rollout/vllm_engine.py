@@ -20,11 +20,10 @@ from vllm.lora.request import LoRARequest
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
 from rollout.config import RolloutConfig
-from rollout.engine import Generation, PromptInput, Sampling
+from rollout.engine import Generation, PromptInput, Sampling, vllm_device_kwargs
 from rollout.inputs import check_safetensors, check_sampling, load_tokenizer, prompt_ids
 from rollout.weight_sync import check_names, check_whole_layers, checkpoint_names, payload_names, sync_groups
 
-GIB = 1 << 30
 FORCE_KEY = "rayft_force"
 
 
@@ -65,17 +64,8 @@ class VLLMEngine:
             enable_lora=cfg.enable_lora, logits_processors=[f"{__name__}:ForceTokens"])
         if cfg.enable_lora:
             kwargs.update(max_lora_rank=cfg.max_lora_rank, max_loras=1)  # one live adapter version
-        if on_gpu:
-            kwargs.update(dtype="bfloat16" if cfg.dtype == "auto" else cfg.dtype,
-                          tensor_parallel_size=cfg.tensor_parallel_size,
-                          gpu_memory_utilization=cfg.gpu_memory_utilization)
-        else:
-            # What works with the CPU build: float32 (no bf16 kernels for every op) and eager
-            # mode (torch.compile start-up costs minutes for no gain on tiny models). The KV
-            # cache is sized in bytes (VLLM_CPU_KVCACHE_SPACE is whole GiB only, and when set
-            # in the environment it still takes precedence, as vLLM's legacy knob).
-            kwargs.update(dtype="float32" if cfg.dtype == "auto" else cfg.dtype, enforce_eager=True,
-                          kv_cache_memory_bytes=int(cfg.kv_cache_gb * GIB))
+        kwargs.update(vllm_device_kwargs(on_gpu, cfg.dtype, cfg.kv_cache_gb, cfg.tensor_parallel_size,
+                                         cfg.gpu_memory_utilization))
         self.llm = LLM(**kwargs)
         self.lora = None  # the current LoRARequest; every generate uses it
         self.adapter_version = 0

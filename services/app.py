@@ -21,13 +21,13 @@ from ray import serve
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
 
+from rollout.engine import vllm_device_kwargs
 from services.auth import key_digest
 from services.config import API_KEY_ENV, ServeConfig, ServeConfigError
 from services.ingress import ingress_class
 from services.engine import AdapterServer, LocalAdapterLoader
 from services.models import ServedModel, resolve_served
 
-GIB = 1 << 30
 INGRESS_MAX_ONGOING = 100_000  # the ingress only forwards; the engine deployment bounds the work
 
 
@@ -65,16 +65,10 @@ def engine_config(cfg: ServeConfig, served: ServedModel, use_gpu: bool) -> LLMCo
     engine = dict(trust_remote_code=False, max_model_len=cfg.max_model_len or None)
     if served.adapters:
         engine.update(enable_lora=True, max_lora_rank=served.max_lora_rank, max_loras=cfg.max_loras)
-    placement = None
-    if use_gpu:
-        engine.update(dtype="bfloat16" if cfg.dtype == "auto" else cfg.dtype,
-                      tensor_parallel_size=cfg.tensor_parallel_size,
-                      gpu_memory_utilization=cfg.gpu_memory_utilization)
-    else:
-        # What the CPU build runs: float32, eager mode, a KV cache sized in bytes.
-        engine.update(dtype="float32" if cfg.dtype == "auto" else cfg.dtype, enforce_eager=True,
-                      kv_cache_memory_bytes=int(cfg.kv_cache_gb * GIB))
-        placement = dict(bundles=[{"CPU": cfg.cpus_per_replica}])
+    engine.update(vllm_device_kwargs(use_gpu, cfg.dtype, cfg.kv_cache_gb, cfg.tensor_parallel_size,
+                                     cfg.gpu_memory_utilization))
+    # Ray Serve LLM asks for a GPU per replica unless given the bundles to place it on.
+    placement = None if use_gpu else dict(bundles=[{"CPU": cfg.cpus_per_replica}])
     deployment = dict(max_ongoing_requests=cfg.max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
                       ray_actor_options={"num_cpus": 0})
     if cfg.autoscaling:
