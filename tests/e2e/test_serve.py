@@ -191,8 +191,11 @@ def test_health_and_status_report_a_live_engine(server):
 
 
 def replica_pids(name: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"ServeReplica:rayft:{name}"], capture_output=True, text=True).stdout
-    return [int(pid) for pid in out.split()]
+    """Serve replica processes of this application (Ray titles them ray::ServeReplica:APP:NAME)."""
+    import psutil
+
+    title = f"ServeReplica:rayft:{name}"
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if title in " ".join(p.info["cmdline"] or [])]
 
 
 def test_a_killed_replica_recovers_under_load(server, client):
