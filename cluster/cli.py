@@ -141,9 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "file.py:function or model:DIR; repeat to combine with weights")
     p.set_defaults(func=cmd_generate)
 
+    from cluster import jobs, tune
     from cluster.serve import add_serve_parser
 
     add_serve_parser(sub)
+    jobs.add_parsers(sub)   # submit, jobs
+    tune.add_parsers(sub)
     return parser
 
 
