@@ -30,6 +30,9 @@ class ClusterConfig:
     address: Optional[str] = opt(None, "Ray cluster to join ('auto' or ray://host:port); empty = start an embedded local cluster.")
     num_workers: int = opt(2, "Ray Train workers (one process each; one GPU each on GPU machines).")
     cpus_per_worker: float = opt(1.0, "CPUs reserved per training worker.")
+    placement: Literal["pack", "spread"] = opt(
+        "pack", "Where the workers go on a multi-node cluster: pack = fill a node before using the next "
+                "(Ray Train's default PACK); spread = one worker per node where possible (SPREAD).")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where workers train: auto = cuda when the cluster has GPUs.")
     strategy: Literal["ddp", "zero1", "zero2", "zero3"] = opt(
         "ddp", "ddp: full replica per worker (gloo on CPU, NCCL on GPU); zero1/2/3: DeepSpeed ZeRO "

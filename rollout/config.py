@@ -22,6 +22,9 @@ class RolloutConfig:
     num_engines: int = opt(1, "Engine actors in the pool; a batch is split across them.")
     tensor_parallel_size: int = opt(1, "GPUs per engine (vLLM tensor parallelism; GPU only).")
     cpus_per_engine: float = opt(1.0, "CPUs reserved per engine actor.")
+    placement: Literal["pack", "spread"] = opt(
+        "pack", "Where the engines go on a multi-node cluster: pack = fill a node before using the next; "
+                "spread = one engine per node where possible (the pool's placement group strategy).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Engine weights dtype: auto = bfloat16 on GPU, float32 on CPU.")
     max_model_len: int = opt(0, "Longest prompt + response an engine handles; 0 = the model's own context length.")
     kv_cache_gb: float = opt(1.0, "KV-cache memory per engine on CPU, GiB (VLLM_CPU_KVCACHE_SPACE).")

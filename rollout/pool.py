@@ -1,5 +1,6 @@
 """The rollout pool: `num_engines` engine actors behind one handle, in a placement group
-the pool owns. A batch is split across the engines and comes back in input order; an
+the pool owns (packed onto as few nodes as fit, or one engine per node where possible:
+`rollout.placement`). A batch is split across the engines and comes back in input order; an
 engine that dies is replaced (with the weights and adapter the pool last synced) and its
 share re-issued, so `generate` returns complete results or raises after a bounded number
 of retries. Weight sync sends size-bounded safetensors buckets through the object store
@@ -52,7 +53,8 @@ class RolloutPool:
         bundle = {"CPU": cfg.cpus_per_engine}
         if use_gpu:
             bundle["GPU"] = cfg.tensor_parallel_size
-        self.group = placement_group([dict(bundle) for _ in range(cfg.num_engines)], strategy="PACK")
+        self.group = placement_group([dict(bundle) for _ in range(cfg.num_engines)],
+                                     strategy=cfg.placement.upper())  # PACK or SPREAD (best effort)
         ray.get(self.group.ready())
         self._resources = {"num_cpus": cfg.cpus_per_engine, "num_gpus": bundle.get("GPU", 0)}
         self._weights: list = []        # ObjectRefs of the last synced buckets

@@ -3,8 +3,13 @@ of its kind's CustomResourceDefinition (KubeRay's own CRDs, kept in ../shared/ku
 beside the repo), and a RayService's serveConfigV2 is a Ray Serve config whose applications
 build with rayft's services (import path found, args are valid ServeConfig keys and values).
 
-`manifest_problems(doc)` works for any kind with a CRD there; every k8s/*.yaml is picked up
-by the parametrization, so a new RayCluster or RayJob manifest is checked on arrival.
+`manifest_problems(doc)` works for any kind with a CRD there, and for the few core kinds
+the manifests carry beside them (a ConfigMap), checked against a minimal schema; any other
+kind, an unknown ray.io kind above all, is a problem. Every k8s/*.yaml is picked up by the
+parametrization, so a new manifest is checked on arrival. A RayJob's config (a ConfigMap
+key mounted where its `rayft train` entrypoint reads it) loads with rayft's own config
+loader, and its paths are on storage that every pod of the cluster mounts; the RayCluster
+has the layout k8s/README.md describes.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import dataclasses
 import functools
 import importlib.util
 import re
+import shlex
 import typing
 from pathlib import Path
 
@@ -22,7 +28,9 @@ import jsonschema
 import pytest
 import yaml
 
+from cluster.config import load_config
 from services.config import API_KEY_ENV, ServeConfig
+from trainers.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = Path(__file__).resolve().parents[3] / "shared" / "kuberay-crds"
@@ -102,11 +110,38 @@ def validator(kind: str, version: str) -> jsonschema.protocols.Validator:
     return K8sValidator(json_schema(served["schema"]["openAPIV3Schema"]))
 
 
+# Core kinds that travel with the custom resources (no CRD describes them): a minimal schema
+# each, enough to catch a misspelt field or a value of the wrong type.
+_DATA_MAP = {"type": "object", "patternProperties": {r"^[-._a-zA-Z0-9]+$": {"type": "string"}},
+             "additionalProperties": False}  # keys: valid file names; values: strings
+CORE_KINDS = {
+    ("v1", "ConfigMap"): {
+        "type": "object", "required": ["apiVersion", "kind", "metadata"], "additionalProperties": False,
+        "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
+                       "data": _DATA_MAP, "binaryData": _DATA_MAP, "immutable": {"type": "boolean"}}},
+}
+
+
+def _core_problems(doc: dict) -> list[str]:
+    problems = []
+    name = (doc.get("metadata") or {}).get("name")
+    if not isinstance(name, str) or not NAME.match(name):
+        problems.append(f"metadata.name: {name!r} is not a DNS-1123 name")
+    for error in jsonschema.Draft4Validator(CORE_KINDS[doc["apiVersion"], doc["kind"]]).iter_errors(doc):
+        path = ".".join(str(p) for p in error.absolute_path)
+        problems.append(f"{path or '<root>'}: {error.message}")
+    return sorted(problems)
+
+
 def manifest_problems(doc: dict) -> list[str]:
-    """What the API server would refuse in `doc` (a custom resource), as 'field.path: message'."""
+    """What the API server would refuse in `doc` (a custom resource, or one of CORE_KINDS),
+    as 'field.path: message'."""
     kind = doc.get("kind")
+    if (doc.get("apiVersion"), kind) in CORE_KINDS:
+        return _core_problems(doc)
     if crd(kind) is None:
-        return [f"kind: no CRD for {kind!r} in {CRD_DIR}"]
+        return [f"kind: no CRD for {kind!r} in {CRD_DIR}, and not a core kind checked here "
+                f"({', '.join(f'{v}/{k}' for v, k in CORE_KINDS)})"]
     spec = crd(kind)["spec"]
     group, _, version = str(doc.get("apiVersion", "")).rpartition("/")
     versions = {v["name"]: v for v in spec["versions"] if v.get("served")}
@@ -210,6 +245,72 @@ def check_pods_can_serve(doc: dict, args: dict) -> None:
         mounts = [m["mountPath"].rstrip("/") + "/" for m in container.get("volumeMounts", [])]
         for d in served:
             assert any((d.rstrip("/") + "/").startswith(m) for m in mounts), f"{container['name']}: {d} is not mounted"
+
+
+# --- RayJob and RayCluster: the run's config, shared storage, the cluster's layout -------------
+
+def docs_of(path: Path, kind: str) -> list[dict]:
+    return [doc for doc in load_docs(path) if doc.get("kind") == kind]
+
+
+def pod_specs(cluster: dict) -> list[dict]:
+    """The pod specs of a RayCluster spec (RayCluster.spec, RayJob.spec.rayClusterSpec)."""
+    return [g["template"]["spec"] for g in [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]]
+
+
+def mounts(pod: dict, container: dict) -> dict[str, dict]:
+    """mountPath -> the volume mounted there."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    return {m["mountPath"].rstrip("/"): volumes[m["name"]] for m in container.get("volumeMounts", [])}
+
+
+def shared_mounts(cluster: dict) -> set[str]:
+    """Paths where every container of every pod mounts the same PersistentVolumeClaim."""
+    per_container = [{(path, vol["persistentVolumeClaim"]["claimName"])
+                      for path, vol in mounts(pod, c).items() if "persistentVolumeClaim" in vol}
+                     for pod in pod_specs(cluster) for c in pod["containers"]]
+    return {path for path, _ in set.intersection(*per_container)}
+
+
+def on_shared(path: str, shared: set[str]) -> bool:
+    return any(path == m or path.startswith(m + "/") for m in shared)
+
+
+def job_config(rayjob: dict, configmaps: list[dict]) -> tuple[str, str, list[str]]:
+    """(path, text, key=value overrides) of the config a RayJob's `rayft train CONFIG [k=v ...]`
+    entrypoint reads: a key of a ConfigMap (from the same file) mounted in the head pod, where
+    the entrypoint runs."""
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert argv[:2] == ["rayft", "train"] and len(argv) > 2, f"entrypoint is not `rayft train CONFIG`: {argv}"
+    config_path, overrides = argv[2], [a for a in argv[3:] if "=" in a and not a.startswith("-")]
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    for mount_path, volume in sorted(mounts(head, head["containers"][0]).items(), key=lambda m: -len(m[0])):
+        if config_path.startswith(mount_path + "/"):
+            break
+    else:
+        raise AssertionError(f"{config_path}: no volume of the head pod is mounted there")
+    assert "configMap" in volume, f"{mount_path} is not a ConfigMap volume"
+    name, relative = volume["configMap"]["name"], config_path[len(mount_path) + 1:]
+    items = {i["path"]: i["key"] for i in volume["configMap"].get("items", [])}
+    key = items.get(relative) if items else relative
+    by_name = {cm["metadata"]["name"]: cm for cm in configmaps}
+    assert name in by_name, f"ConfigMap {name} is not in the file"
+    assert key in by_name[name].get("data", {}), f"ConfigMap {name} has no key {key!r} (for {config_path})"
+    return config_path, by_name[name]["data"][key], overrides
+
+
+def check_rayjob_config(rayjob: dict, configmaps: list[dict], tmp_path: Path):
+    """The RayJob's config loads as `rayft train` would load it, and what the run reads and
+    writes is on storage every pod shares."""
+    config_path, text, overrides = job_config(rayjob, configmaps)
+    local = tmp_path / Path(config_path).name  # the same file name: the default run name is its stem
+    local.write_text(text, encoding="utf-8")
+    config = load_config(local, overrides)
+    shared = shared_mounts(rayjob["spec"]["rayClusterSpec"])
+    for key, path in [("output_dir", config.output_dir), ("model.path", config.model.path),
+                      *((f"data.train[{i}]", s.path) for i, s in enumerate(config.data.train))]:
+        assert on_shared(path, shared), f"{key}: {path} is not on storage every pod mounts ({sorted(shared)})"
+    return config
 
 
 # --- tests ------------------------------------------------------------------------------------
@@ -340,3 +441,151 @@ def test_broken_serve_config_is_refused(rayservice, old, new):
     doc["spec"]["serveConfigV2"] = doc["spec"]["serveConfigV2"].replace(old, new)
     with pytest.raises((AssertionError, ValueError)):
         serve_apps(doc)
+
+
+# --- RayJob: its config, storage and lifecycle -------------------------------------------------
+
+RAYJOB_FILE = REPO / "k8s" / "rayjob-train.yaml"
+RAYCLUSTER_FILE = REPO / "k8s" / "raycluster.yaml"
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_rayjob_config_loads_and_lives_on_shared_storage(path, tmp_path):
+    for rayjob in docs_of(path, "RayJob"):
+        check_rayjob_config(rayjob, docs_of(path, "ConfigMap"), tmp_path)
+
+
+def test_rayjob_train(tmp_path):
+    (rayjob,) = docs_of(RAYJOB_FILE, "RayJob")
+    config = check_rayjob_config(rayjob, docs_of(RAYJOB_FILE, "ConfigMap"), tmp_path)
+    assert config.method == "sft" and config.peft.method == "lora" and config.output_dir == "/shared/runs"
+    spec = rayjob["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    assert spec["backoffLimit"] >= 1 and spec["activeDeadlineSeconds"] > 0
+    cluster = spec["rayClusterSpec"]
+    gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+               for g in cluster["workerGroupSpecs"])
+    assert gpus >= config.cluster.num_workers, "fewer GPUs than Ray Train workers"
+
+
+@pytest.fixture(scope="module")
+def rayjob_docs():
+    return docs_of(RAYJOB_FILE, "RayJob")[0], docs_of(RAYJOB_FILE, "ConfigMap")
+
+
+def _with_job_yaml(configmaps, old, new):
+    configmaps = copy.deepcopy(configmaps)
+    text = configmaps[0]["data"]["job.yaml"]
+    assert old in text
+    configmaps[0]["data"]["job.yaml"] = text.replace(old, new)
+    return configmaps
+
+
+@pytest.mark.parametrize("case", ["other-file", "not-mounted", "no-configmap", "not-rayft", "misspelt-key",
+                                  "bad-value", "output-not-shared", "data-not-shared", "bad-override"])
+def test_broken_rayjob_config_is_refused(rayjob_docs, case, tmp_path):
+    rayjob, configmaps = copy.deepcopy(rayjob_docs[0]), rayjob_docs[1]
+    if case == "other-file":
+        rayjob["spec"]["entrypoint"] = "rayft train /config/train.yaml"
+    elif case == "not-mounted":
+        rayjob["spec"]["entrypoint"] = "rayft train /etc/rayft/job.yaml"
+    elif case == "no-configmap":
+        configmaps = []
+    elif case == "not-rayft":
+        rayjob["spec"]["entrypoint"] = "python train.py /config/job.yaml"
+    elif case == "misspelt-key":
+        configmaps = _with_job_yaml(configmaps, "\ntrain:", "\ntrian:")
+    elif case == "bad-value":
+        configmaps = _with_job_yaml(configmaps, "placement: spread", "placement: scatter")
+    elif case == "output-not-shared":
+        configmaps = _with_job_yaml(configmaps, "output_dir: /shared/runs", "output_dir: /tmp/runs")
+    elif case == "data-not-shared":
+        configmaps = _with_job_yaml(configmaps, "[/shared/data/train.jsonl]", "[/data/train.jsonl]")
+    elif case == "bad-override":
+        rayjob["spec"]["entrypoint"] += " output_dir=/tmp/runs"
+    with pytest.raises((AssertionError, ConfigError)):
+        check_rayjob_config(rayjob, configmaps, tmp_path)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"kind": "RayJobs"}, "no CRD for 'RayJobs'"),                            # an unknown ray.io kind
+    ({"apiVersion": "ray.io/v1", "kind": "ConfigMap"}, "no CRD for 'ConfigMap'"),
+    ({"kind": "Secret", "apiVersion": "v1"}, "no CRD for 'Secret'"),          # a core kind not checked here
+])
+def test_unknown_kind_is_refused(rayjob_docs, change, expected):
+    doc = {**copy.deepcopy(rayjob_docs[0]), **change}
+    assert any(expected in p for p in manifest_problems(doc))
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (_set("datas", {}), "Additional properties are not allowed ('datas'"),
+    (lambda doc: doc["data"].update({"job.yaml": 3}), "3 is not of type 'string'"),
+    (_set("data", {"job yaml": "x"}), "'job yaml' does not match any"),
+    (_set("immutable", "yes"), "'yes' is not of type 'boolean'"),
+    (_set("metadata.name", "Train_Config"), "metadata.name"),
+])
+def test_broken_configmap_is_refused(rayjob_docs, mutate, expected):
+    doc = copy.deepcopy(rayjob_docs[1][0])
+    mutate(doc)
+    assert any(expected in p for p in manifest_problems(doc)), manifest_problems(doc)
+
+
+def test_broken_rayjob_is_refused(rayjob_docs):
+    doc = copy.deepcopy(rayjob_docs[0])
+    doc["spec"]["shutdownAfterJobFinish"] = True  # misspelt
+    doc["spec"]["backoffLimit"] = "1"
+    problems = manifest_problems(doc)
+    assert any("Additional properties are not allowed ('shutdownAfterJobFinish'" in p for p in problems), problems
+    assert any(p.startswith("spec.backoffLimit: '1' is not of type 'integer'") for p in problems), problems
+
+
+# --- RayCluster: a head without work, CPU and GPU groups, autoscaling, shared storage, auth ------
+
+def raycluster_layout_problems(doc: dict) -> list[str]:
+    spec, problems = doc["spec"], []
+    if spec["headGroupSpec"]["rayStartParams"].get("num-cpus") != "0":
+        problems.append("head: rayStartParams num-cpus must be \"0\" (no work on the head)")
+    groups = {g["groupName"]: g for g in spec.get("workerGroupSpecs", [])}
+
+    def gpus(group: dict, kind: str) -> int:
+        return int(group["template"]["spec"]["containers"][0]["resources"].get(kind, {}).get("nvidia.com/gpu", 0))
+
+    gpu_groups = [name for name, g in groups.items() if gpus(g, "requests") > 0 and gpus(g, "limits") > 0]
+    if not gpu_groups:
+        problems.append("no worker group requests and limits nvidia.com/gpu")
+    if len(gpu_groups) == len(groups):
+        problems.append("no CPU worker group")
+    if not (spec.get("enableInTreeAutoscaling") and spec.get("autoscalerOptions")):
+        problems.append("autoscaling: enableInTreeAutoscaling and autoscalerOptions")
+    if not shared_mounts(spec):
+        problems.append("no PersistentVolumeClaim mounted at the same path in every pod")
+    auth = spec.get("authOptions", {})
+    if auth.get("mode") != "token" or not auth.get("secretName"):
+        problems.append("authOptions: token mode with the token from a Secret")
+    for g in groups.values():
+        if not g.get("minReplicas", 0) <= g.get("replicas", 0) <= g.get("maxReplicas", 0):
+            problems.append(f"{g['groupName']}: replicas outside [minReplicas, maxReplicas]")
+    return problems
+
+
+def test_raycluster_layout():
+    (doc,) = docs_of(RAYCLUSTER_FILE, "RayCluster")
+    assert raycluster_layout_problems(doc) == []
+    assert shared_mounts(doc["spec"]) == {"/shared"}
+
+
+RC_GPU = "spec.workerGroupSpecs.1"
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (_set("spec.headGroupSpec.rayStartParams.num-cpus", "4"), "num-cpus"),
+    (_set(f"{RC_GPU}.template.spec.containers.0.resources.limits", {"cpu": "8"}), "nvidia.com/gpu"),
+    (_set("spec.enableInTreeAutoscaling", False), "autoscaling"),
+    (_set(f"{RC_GPU}.template.spec.containers.0.volumeMounts.0.mountPath", "/data"), "PersistentVolumeClaim"),
+    (_set("spec.authOptions", {"mode": "token"}), "authOptions"),
+    (_set(f"{RC_GPU}.replicas", 9), "replicas outside"),
+])
+def test_broken_raycluster_layout_is_refused(mutate, expected):
+    doc = copy.deepcopy(docs_of(RAYCLUSTER_FILE, "RayCluster")[0])
+    mutate(doc)
+    assert any(expected in p for p in raycluster_layout_problems(doc))
