@@ -18,6 +18,7 @@ from trainers.config import (DataConfig, DPOConfig, FreezeConfig, ModelConfig, P
                               opt)
 from rollout.config import RolloutConfig
 from rollout.rewards import RewardSpec
+from cluster.tune_config import TuneConfig
 from trainers.errors import ConfigError, UserError
 from trainers.rl.config import AlgoConfig, DistillConfig
 
@@ -74,6 +75,7 @@ class JobConfig:
     rollout: RolloutConfig = opt(RolloutConfig, "Rollout engine pool (methods ppo, grpo; distill on_policy).")
     rewards: RewardSpec = opt(RewardSpec, "Rewards of the sampled responses (methods ppo, grpo).")
     cluster: ClusterConfig = opt(ClusterConfig, "Ray cluster and distributed strategy.")
+    tune: TuneConfig = opt(TuneConfig, "Hyper-parameter search over the keys above (rayft tune; rayft train ignores it).")
 
     @property
     def run_dir(self) -> Path:

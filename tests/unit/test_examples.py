@@ -9,6 +9,7 @@ from cluster.config import load_config
 ALL = sorted(Path(__file__).resolve().parents[2].joinpath("examples").glob("*.yaml"))
 SERVE_EXAMPLES = [p for p in ALL if p.name.startswith("serve")]
 EXAMPLES = [p for p in ALL if p not in SERVE_EXAMPLES]
+TUNE_EXAMPLES = [p for p in EXAMPLES if p.name.startswith("tune")]
 
 
 def test_there_are_examples():
@@ -20,7 +21,10 @@ def test_example_loads(path):
     config = load_config(path)
     assert config.method
     head = path.read_text().splitlines()[:6]
-    assert any(line.startswith("#") and f"rayft train examples/{path.name}" in line for line in head)
+    command = "tune" if path in TUNE_EXAMPLES else "train"
+    assert any(line.startswith("#") and f"rayft {command} examples/{path.name}" in line for line in head)
+    if path in TUNE_EXAMPLES:
+        assert config.tune.distributions(), "a tune example searches something"
 
 
 @pytest.mark.parametrize("path", SERVE_EXAMPLES, ids=lambda p: p.name)
