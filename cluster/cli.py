@@ -180,11 +180,10 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from cluster.config import JobConfig, field_help, load_config
+    from cluster.config import JobConfig, config_help, load_config
 
     if args.help_config:
-        for key, help_text, default in field_help(JobConfig):
-            print(f"{key:32} {help_text} [default: {default!r}]")
+        print(config_help(JobConfig))
         return 0
     if args.config is None and not args.overrides:
         raise UserError("give a config file (see examples/) or key=value overrides")

@@ -214,6 +214,13 @@ def dump_yaml(config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
 
 
+def config_help(cls, prefix: str = "") -> str:
+    """One line per leaf key: the key, its help and its default (the --help-config text)."""
+    rows = field_help(cls)
+    width = max(len(prefix + key) for key, _, _ in rows) + 2
+    return "\n".join(f"{prefix + key:{width}}{help_text} [default: {default!r}]" for key, help_text, default in rows)
+
+
 def field_help(cls) -> list[tuple[str, str, Any]]:
     """(key, help, default) for every leaf key, for `rayft train --help-config`."""
     rows = []

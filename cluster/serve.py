@@ -20,7 +20,7 @@ import secrets
 import signal
 import time
 
-from cluster.config import apply_override, field_help, from_dict, read_config_file
+from cluster.config import apply_override, config_help, from_dict, read_config_file
 from trainers.errors import ConfigError, UserError
 
 STATUS_TIMEOUT_S = 10.0
@@ -59,8 +59,7 @@ def cmd_serve(args) -> int:
     from services.config import ServeConfig
 
     if args.help_config:
-        for key, help_text, default in field_help(ServeConfig):
-            print(f"{key:26} {help_text} [default: {default!r}]")
+        print(config_help(ServeConfig))
         return 0
     if args.status:
         report = serve_status(args.address or "auto")

@@ -48,12 +48,11 @@ def add_parsers(sub) -> None:
 
 
 def cmd_tune(args) -> int:
-    from cluster.config import field_help, load_config
+    from cluster.config import config_help, load_config
     from cluster.tune_config import TuneConfig
 
     if args.help_config:
-        for key, help_text, default in field_help(TuneConfig):
-            print(f"tune.{key:20} {help_text} [default: {default!r}]")
+        print(config_help(TuneConfig, prefix="tune."))
         print("every other key: rayft train --help-config")
         return 0
     if args.config is None and not args.overrides:
