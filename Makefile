@@ -29,7 +29,7 @@ demo: setup
 	$(RAYFT) train examples/sft_lora.yaml name=demo output_dir=runs
 
 test: setup
-	$(PY) -m pytest tests -x -q
+	$(PY) -m pytest tests -x -q --durations=15
 
 test-fast: setup
 	$(PY) -m pytest tests/unit -q
