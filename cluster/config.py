@@ -162,12 +162,17 @@ def apply_override(data: dict, item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise UserError(f"override '{item}' must look like key.sub=value")
-    node, parts = data, key.strip().split(".")
+    set_key(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+
+
+def set_key(data: dict, key: str, value) -> None:
+    """Set the dotted `key` (a.b.c) in nested config data, creating sections on the way."""
+    node, parts = data, key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(key, f"'{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    node[parts[-1]] = value
 
 
 def from_dict(cls, data: Any, prefix: str = ""):

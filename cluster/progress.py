@@ -11,6 +11,29 @@ from pathlib import Path
 from tqdm import tqdm
 
 
+class MetricsFollower:
+    """Complete rows appended to a metrics.jsonl since the last call. A replaced log (a
+    resumed run rewrites it) is read again from its start."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.inode = Path(path), 0, None
+
+    def rows(self) -> list[dict]:
+        try:
+            fh = self.path.open("rb")
+        except FileNotFoundError:
+            return []
+        with fh:
+            stat = os.fstat(fh.fileno())  # of the file actually opened
+            if stat.st_ino != self.inode or stat.st_size < self.offset:
+                self.inode, self.offset = stat.st_ino, 0
+            fh.seek(self.offset)
+            chunk = fh.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a half-written line waits for the next call
+        self.offset += len(complete)
+        return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
+
+
 class MetricsProgress:
     """A background thread that advances a tqdm bar as metrics rows appear."""
 
@@ -18,7 +41,7 @@ class MetricsProgress:
         self.path, self.total, self.desc, self.interval = Path(metrics_path), total_steps, desc, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._offset, self._inode = 0, None
+        self._follower = MetricsFollower(self.path)
 
     def __enter__(self):
         self.bar = tqdm(total=self.total, desc=self.desc, unit="step", dynamic_ncols=True)
@@ -36,20 +59,7 @@ class MetricsProgress:
             self._poll()
 
     def _poll(self):
-        try:
-            fh = self.path.open()
-        except FileNotFoundError:
-            return
-        with fh:
-            stat = os.fstat(fh.fileno())  # of the file actually opened
-            if stat.st_ino != self._inode or stat.st_size < self._offset:
-                self._inode, self._offset = stat.st_ino, 0  # a resumed run replaced the log
-            fh.seek(self._offset)
-            chunk = fh.read()
-        complete = chunk[: chunk.rfind("\n") + 1]  # leave a half-written line for later
-        self._offset += len(complete)
-        for line in complete.splitlines():
-            row = json.loads(line) if line.strip() else {}
+        for row in self._follower.rows():
             step = row.get("step", 0)
             if step > self.bar.n:
                 self.bar.update(step - self.bar.n)

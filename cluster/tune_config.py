@@ -210,15 +210,12 @@ def trial_config(base: dict, values: dict, name: str, output_dir: str):
     key set to its sampled value, as `key=value` overrides would set it, the tune section
     dropped, and its own run directory `output_dir/name`. Raises ConfigError for a value
     that makes the config invalid."""
-    from cluster.config import JobConfig, from_dict
+    from cluster.config import JobConfig, from_dict, set_key
 
     data = copy.deepcopy(base)
     data.pop("tune", None)
     for key, value in values.items():
-        node = data
-        for part in key.split(".")[:-1]:
-            node = node.setdefault(part, {})
-        node[key.split(".")[-1]] = plain(value)
+        set_key(data, key, plain(value))
     data["name"], data["output_dir"] = name, output_dir
     config = from_dict(JobConfig, data)
     config.validate()

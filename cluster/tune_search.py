@@ -26,7 +26,6 @@ worker_groups` does that cleaner's job from the GCS tables, during the search an
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from ray import tune
 
+from cluster.progress import MetricsFollower
 from cluster.tune_config import Distribution, trial_config
 from trainers.errors import UserError
 
@@ -200,26 +200,6 @@ def _tune_metrics(row: dict, metric: str, mode: str, completed: bool) -> dict:
     if not math.isfinite(out[metric]):
         out[metric] = WORST if mode == "min" else -WORST
     return out | {"trial_completed": completed}
-
-
-class MetricsFollower:
-    """Complete rows appended to a metrics.jsonl since the last call."""
-
-    def __init__(self, path: Path):
-        self.path, self.offset = Path(path), 0
-
-    def rows(self) -> list[dict]:
-        try:
-            with self.path.open("rb") as fh:
-                if fh.seek(0, 2) < self.offset:
-                    self.offset = 0  # replaced (a resumed run rewrites it)
-                fh.seek(self.offset)
-                chunk = fh.read()
-        except FileNotFoundError:
-            return []
-        complete = chunk[: chunk.rfind(b"\n") + 1]  # a half-written line waits for the next call
-        self.offset += len(complete)
-        return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
 
 
 def describe_error(exc: BaseException) -> str:
