@@ -28,7 +28,7 @@ SERVED_ENDPOINTS = ("models", "model_data", "completions", "chat", "tokenize", "
 
 
 class RayftIngress(OpenAiIngress):
-    def __init__(self, llm_deployments, model_cards, *, adapters: dict[str, list[str]], lora_paths=None):
+    def __init__(self, llm_deployments, model_cards, *, adapters: dict[str, list[str]]):
         super().__init__(llm_deployments, model_cards)
         self._adapters = {base: list(names) for base, names in adapters.items()}
 
