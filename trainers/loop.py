@@ -21,9 +21,9 @@ import torch
 
 from trainers.batching import StepBatches, plan_steps, shard
 from trainers.checkpoint import load_checkpoint, save_checkpoint, save_final
-from trainers.metrics import MetricsLog
+from trainers.metrics import MetricsLog, peak_rss_mb
 from trainers.setup import describe_trainable
-from trainers.strategy import all_reduce_sum, build_strategy
+from trainers.strategy import all_gather_float, all_reduce_sum, build_strategy
 
 
 @dataclass
@@ -112,7 +112,7 @@ def run_loop(job, datasets, method, hooks: Hooks | None = None) -> None:
         log.write({"step": 0, **evaluate(strategy.model, datasets.eval, method, worker, cfg)})
 
     batches = StepBatches(plan, worker.rank, job.data.seed + cfg.seed)
-    tokens, t_last = 0, time.perf_counter()
+    tokens, t_last, last_logged = 0, time.perf_counter(), progress.step
     for step in range(progress.step, plan.total_steps):
         if progress.stopped_early:
             break
@@ -128,7 +128,9 @@ def run_loop(job, datasets, method, hooks: Hooks | None = None) -> None:
             _track_best(progress, row, method, cfg, strategy, run_dir, worker)
         if done % cfg.log_every == 0 or last or method.metric in row:
             now = time.perf_counter()
-            row["tokens_per_s"], tokens, t_last = tokens / max(now - t_last, 1e-9), 0, now
+            row["tokens_per_s"] = tokens / max(now - t_last, 1e-9)
+            row["step_s"] = (now - t_last) / (done - last_logged)
+            tokens, t_last, last_logged = 0, now, done
             log.write(row)
         if (cfg.save_every and done % cfg.save_every == 0) or last or progress.stopped_early:
             report_checkpoint(strategy, worker, progress, row)
@@ -137,6 +139,7 @@ def run_loop(job, datasets, method, hooks: Hooks | None = None) -> None:
                    f"best_{method.metric}": progress.best_metric})
     if not cfg.early_stopping_patience:
         _save_final(strategy, method, run_dir, worker)
+    log_peak_memory(log, worker, progress.step)
 
 
 def _train_step(strategy, method, examples, micro_ids, worker) -> tuple[dict, int]:
@@ -196,6 +199,12 @@ def _track_best(progress: Progress, row: dict, method, cfg, strategy, run_dir: P
     else:
         progress.bad_evals += 1
         progress.stopped_early = progress.bad_evals >= cfg.early_stopping_patience
+
+
+def log_peak_memory(log: MetricsLog, worker: Worker, step: int) -> None:
+    """A `memory` event with every worker's peak resident memory (MiB, rank order)."""
+    peaks = all_gather_float(peak_rss_mb(), worker.device)
+    log.write({"step": step, "event": "memory", "peak_rss_mb": [round(p, 1) for p in peaks]})
 
 
 def _save_final(strategy, method, run_dir: Path, worker: Worker) -> None:

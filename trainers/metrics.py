@@ -29,6 +29,13 @@ class MetricsLog:
             fh.write(json.dumps(clean) + "\n")
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def read_metrics(path: Path) -> list[dict]:
     path = Path(path)
     if not path.exists():

@@ -101,6 +101,15 @@ def unwrap(model) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+def all_gather_float(value: float, device) -> list[float]:
+    """Every worker's `value`, in rank order ([value] on one worker)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    gathered = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, torch.tensor([value], dtype=torch.float64, device=device))
+    return [float(t) for t in gathered]
+
+
 def all_reduce_sum(values: list[float], device) -> list[float]:
     """Sum numbers across workers (identity on one worker)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

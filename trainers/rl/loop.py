@@ -20,7 +20,7 @@ import ray.train
 import torch
 
 from trainers.batching import StepBatches, plan_steps
-from trainers.loop import Progress, Worker, report_checkpoint, restore_progress, seed_everything
+from trainers.loop import Progress, Worker, log_peak_memory, report_checkpoint, restore_progress, seed_everything
 from trainers.metrics import MetricsLog
 from trainers.rl.collect import Collector
 from trainers.rl.experience import Experience, at_response, token_logp
@@ -102,6 +102,7 @@ class RLLoop:
             if (job.train.save_every and done % job.train.save_every == 0) or last:
                 report_checkpoint(self.strategy, worker, progress, row)
         self.save_final()
+        log_peak_memory(log, worker, progress.step)
 
     def step(self, step: int, records: list) -> dict:
         started = time.perf_counter()
