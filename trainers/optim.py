@@ -8,7 +8,10 @@ import math
 import torch
 
 
-def build_optimizer(model: torch.nn.Module, train_cfg) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, train_cfg, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW (or SGD) over the trainable parameters. `fused` picks torch's one-kernel AdamW
+    (CPU and CUDA): measured 2-3% of an SFT step on CPU; DeepSpeed's flat partitions keep the
+    per-tensor path."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -19,7 +22,7 @@ def build_optimizer(model: torch.nn.Module, train_cfg) -> torch.optim.Optimizer:
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     if train_cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=train_cfg.lr)
-    return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=tuple(train_cfg.betas))
+    return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=tuple(train_cfg.betas), fused=fused or None)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
