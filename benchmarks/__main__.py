@@ -2,7 +2,7 @@
 
 import sys
 
-WORKLOADS = {"sft": "benchmarks.sft", "rollout": "benchmarks.rollout", "grpo": "benchmarks.grpo", "serve": "benchmarks.serve"}
+WORKLOADS = {"sft": "benchmarks.sft", "dpo": "benchmarks.dpo", "rollout": "benchmarks.rollout", "grpo": "benchmarks.grpo", "serve": "benchmarks.serve"}
 
 
 def main() -> None:

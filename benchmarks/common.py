@@ -80,6 +80,33 @@ def steady_state(steps: list[dict], warmup: int) -> dict:
             "final_loss": statistics.fmean(r["loss"] for r in steps[-3:])}
 
 
+# LoRA on every linear layer but the head, the same on every side of every benchmark.
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
+
+
+def run_rayft_job(config: dict, warmup: int) -> dict:
+    """Run a rayft job config (a dict, as in a YAML file) on the local Ray cluster and read
+    its steady state, wall time and per-worker peak memory from the run's own metrics."""
+    import ray
+
+    from cluster.config import JobConfig, from_dict
+    from cluster.train import run_training
+    from trainers.metrics import read_metrics
+
+    job = from_dict(JobConfig, config)
+    job.validate()
+    try:
+        summary = run_training(job, echo=lambda *_: None)
+    finally:
+        ray.shutdown()
+    rows = read_metrics(job.run_dir / "metrics.jsonl")
+    steps = [{"step": r["step"], "seconds": r["step_s"], "tokens": r["tokens_per_s"] * r["step_s"], "loss": r["loss"]}
+             for r in rows if "event" not in r and r.get("step", 0) > 0]
+    return {**steady_state(steps, warmup), "wall_s": summary["wall_time_s"],
+            "peak_rss_mb": summary["peak_rss_mb_per_worker"], "workers": job.cluster.num_workers,
+            "torch_threads": 1, "run_dir": str(job.run_dir)}
+
+
 class Timer:
     def __enter__(self):
         self.start = time.perf_counter()

@@ -20,6 +20,16 @@ def matched_args(s, output_dir: str) -> dict:
                 dataloader_num_workers=0, include_num_input_tokens_seen="non_padding")
 
 
+def peft_lora_config():
+    """benchmarks.common.LORA as a peft config (every linear layer but the head)."""
+    import peft
+
+    from benchmarks.common import LORA
+
+    return peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                           target_modules="all-linear", task_type="CAUSAL_LM")
+
+
 def step_clock():
     """A TrainerCallback recording (end time, tokens seen) at every optimizer step."""
     from transformers import TrainerCallback

@@ -29,12 +29,12 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.common import (CACHE, bench_model, matmul_ceiling, run_child, steady_state, update_performance_doc,
-                               write_result)
-from benchmarks.hf_reference import child_main, matched_args, quiet_trainer, step_clock, step_rows
+from benchmarks.common import (CACHE, LORA, bench_model, matmul_ceiling, run_child, run_rayft_job, steady_state,
+                               update_performance_doc, write_result)
+from benchmarks.hf_reference import (child_main, matched_args, peft_lora_config, quiet_trainer, step_clock,
+                                     step_rows)
 
 MODES = {"lora": {"lr": 1e-3}, "full": {"lr": 1e-4}}
-LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 LOSS_TOLERANCE = 0.05  # relative; the sides see the same samples in different orders
 
 
@@ -105,32 +105,17 @@ def model_params(model_dir: Path) -> int:
 # --- rayft --------------------------------------------------------------------------------
 
 def run_rayft(model_dir: Path, data_path: Path, s: Settings, workdir: Path) -> dict:
-    import ray
-
-    from cluster.config import JobConfig, from_dict
-    from cluster.train import run_training
-    from trainers.metrics import read_metrics
-
-    config = from_dict(JobConfig, {
+    peft = {"method": "lora", "target_modules": ["all-linear"], **LORA} if s.mode == "lora" else {}
+    return run_rayft_job({
         "method": "sft", "name": f"sft-{s.mode}", "output_dir": str(workdir / "runs"),
         "model": {"path": str(model_dir)},
         "data": {"train": [str(data_path)], "eval_fraction": 0.0, "max_length": s.max_length, "packing": True},
-        "peft": {"method": "lora", "target_modules": ["all-linear"], **LORA} if s.mode == "lora" else {},
+        "peft": peft,
         "train": {"max_steps": s.total_steps, "batch_size": s.micro_batch, "grad_accum": s.grad_accum,
                   "lr": s.lr, "scheduler": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0,
                   "max_grad_norm": 1.0, "seed": s.seed, "log_every": 1, "eval_every": 0},
         "cluster": {"num_workers": s.workers, "device": "cpu"},
-    })
-    config.validate()
-    try:
-        summary = run_training(config, echo=lambda *_: None)
-    finally:
-        ray.shutdown()
-    rows = read_metrics(config.run_dir / "metrics.jsonl")
-    steps = [{"step": r["step"], "seconds": r["step_s"], "tokens": r["tokens_per_s"] * r["step_s"], "loss": r["loss"]}
-             for r in rows if "event" not in r and r.get("step", 0) > 0]
-    return {**steady_state(steps, s.warmup), "wall_s": summary["wall_time_s"],
-            "peak_rss_mb": summary["peak_rss_mb_per_worker"], "workers": s.workers, "torch_threads": 1}
+    }, s.warmup)
 
 
 # --- references (each in its own process) -------------------------------------------------
@@ -139,13 +124,6 @@ def _reference_model(payload: dict):
     from trainers.models import load_causal_lm, load_tokenizer
 
     return load_causal_lm(payload["model_dir"]), load_tokenizer(payload["model_dir"])
-
-
-def _lora_config():
-    import peft
-
-    return peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                           target_modules="all-linear", task_type="CAUSAL_LM")
 
 
 def run_trl(payload: dict) -> dict:
@@ -166,7 +144,7 @@ def run_trl(payload: dict) -> dict:
                      gradient_accumulation_steps=s.workers * s.grad_accum, max_length=s.max_length,
                      packing=True, packing_strategy="bfd", completion_only_loss=True)
     trainer = quiet_trainer(SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                       peft_config=_lora_config() if s.mode == "lora" else None, callbacks=[clock]))
+                                       peft_config=peft_lora_config() if s.mode == "lora" else None, callbacks=[clock]))
     trainer.train()
     return {**steady_state(step_rows(clock, trainer), s.warmup), "name": f"TRL {trl.__version__} SFTTrainer"}
 
@@ -203,7 +181,7 @@ def run_transformers(payload: dict) -> dict:
     if s.mode == "lora":
         from peft import get_peft_model
 
-        model = get_peft_model(model, _lora_config())
+        model = get_peft_model(model, peft_lora_config())
     examples = [Example(e["input_ids"], e["labels"]) for e in json.loads(Path(payload["examples"]).read_text())]
     packed = [{"input_ids": e.input_ids, "labels": e.labels, "seq_lens": e.seq_lens}
               for e in pack(examples, s.max_length)]

@@ -25,7 +25,11 @@ def _assert_run_dir(run_dir):
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == list(range(1, 31))
-    assert all(r["tokens_per_s"] > 0 for r in rows if "loss" in r)
+    assert all(r["tokens_per_s"] > 0 and r["step_s"] > 0 for r in rows if "loss" in r)
+    # Each worker's peak memory: at least the Python runtime with torch loaded (> 100 MiB).
+    (memory,) = [r for r in rows if r.get("event") == "memory"]
+    assert memory["step"] == 30 and len(memory["peak_rss_mb"]) == 2 and min(memory["peak_rss_mb"]) > 100
+    assert json.loads((run_dir / "summary.json").read_text())["peak_rss_mb_per_worker"] == memory["peak_rss_mb"]
     assert "data:image/png;base64" in (run_dir / "report.html").read_text()
 
 
