@@ -170,6 +170,9 @@ class TrainConfig:
     max_steps: int = opt(0, "Optimizer steps to run; 0 = derive from epochs.")
     batch_size: int = opt(8, "Micro-batch size per worker.")
     grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
+    group_by_length: bool = opt(
+        True, "Within each optimizer step, put samples of similar length in the same micro-batch (less "
+              "padding). The step's samples, and so its update, stay the same.")
     optimizer: Literal["adamw", "sgd"] = opt("adamw", "adamw, or plain sgd (no momentum; mostly for checks).")
     lr: float = opt(2e-4, "Peak learning rate.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")

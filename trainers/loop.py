@@ -19,7 +19,7 @@ from pathlib import Path
 import ray.train
 import torch
 
-from trainers.batching import StepBatches, plan_steps, shard
+from trainers.batching import StepBatches, length_table, plan_steps, shard
 from trainers.checkpoint import load_checkpoint, save_checkpoint, save_final
 from trainers.metrics import MetricsLog, peak_rss_mb
 from trainers.setup import describe_trainable
@@ -111,7 +111,8 @@ def run_loop(job, datasets, method, hooks: Hooks | None = None) -> None:
         log.write({"step": 0, "event": "start", "total_steps": plan.total_steps, **describe_trainable(model)})
         log.write({"step": 0, **evaluate(strategy.model, datasets.eval, method, worker, cfg)})
 
-    batches = StepBatches(plan, worker.rank, job.data.seed + cfg.seed)
+    lengths = length_table(datasets.train) if cfg.group_by_length else None
+    batches = StepBatches(plan, worker.rank, job.data.seed + cfg.seed, lengths)
     tokens, t_last, last_logged = 0, time.perf_counter(), progress.step
     for step in range(progress.step, plan.total_steps):
         if progress.stopped_early:
