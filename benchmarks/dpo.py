@@ -25,7 +25,7 @@ from benchmarks.common import (CACHE, LORA, bench_model, run_child, run_rayft_jo
                                update_performance_doc, write_result)
 from benchmarks.hf_reference import child_main, matched_args, peft_lora_config, quiet_trainer, step_clock, step_rows
 
-MODES = {"lora": {"lr": 5e-4}, "full": {"lr": 5e-5}}
+MODES = {"lora": {"lr": 2e-4}, "full": {"lr": 2e-5}}
 LOSS_TOLERANCE = 0.05  # relative, on the mean loss of the last three steps
 
 

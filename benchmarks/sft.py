@@ -2,7 +2,7 @@
 plain transformers `Trainer`, for LoRA and for full fine-tuning, on the same model, the
 same tokenised samples, the same packing and the same hyper-parameters.
 
-    python -m benchmarks sft [--modes lora,full] [--steps 16] [--warmup 2] [--samples 1200]
+    python -m benchmarks sft [--modes lora,full] [--steps 12] [--warmup 2] [--samples 1200]
                              [--max-length 256] [--references trl,transformers]
 
 Reported per side: steady-state tokens/s (the steps after `warmup`), model FLOPs
@@ -47,7 +47,7 @@ class Settings:
     workers: int = 2
     micro_batch: int = 4          # packed sequences per micro-batch
     grad_accum: int = 2           # per rayft worker; the references accumulate workers x this
-    steps: int = 16               # measured optimizer steps
+    steps: int = 12               # measured optimizer steps
     warmup: int = 2
     seed: int = 0
     threads: int = 0              # torch threads of the references; 0 = every core

@@ -66,7 +66,7 @@ def test_train_from_cli_writes_run_dir(workspace):
     proc = rayft("train", ROOT / "examples/sft_lora.yaml", "name=cli", "train.max_steps=6",
                  "train.eval_every=3", "train.save_every=3", "data.train=[data/addition.jsonl]", cwd=workspace)
     run = workspace / "runs/cli"
-    assert f"run directory: runs/cli" in proc.stdout
+    assert "run directory: runs/cli" in proc.stdout
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "report.html", "final/adapter_config.json"):
         assert (run / name).exists(), name
     assert json.loads((run / "summary.json").read_text())["steps"] == 6

@@ -3,7 +3,6 @@ generates; full fine-tuning output reloads in transformers with the trained weig
 
 import json
 
-import pytest
 import torch
 
 from cluster.config import load_config

@@ -35,5 +35,5 @@ def test_serve_example_loads(path):
     config = load_serve_config(parse_args(["serve", "runs/x", "--config", str(path)]))
     assert config.model == "runs/x"
     head = path.read_text().splitlines()[:6]
-    assert any(line.startswith("#") and f"rayft serve" in line and f"--config examples/{path.name}" in line
+    assert any(line.startswith("#") and "rayft serve" in line and f"--config examples/{path.name}" in line
                for line in head)
