@@ -2,7 +2,7 @@
 
 import sys
 
-WORKLOADS = {"sft": "benchmarks.sft", "dpo": "benchmarks.dpo", "rollout": "benchmarks.rollout", "grpo": "benchmarks.grpo", "serve": "benchmarks.serve"}
+from benchmarks.common import WORKLOADS
 
 
 def main() -> None:
@@ -12,7 +12,7 @@ def main() -> None:
 
     names = list(WORKLOADS) if sys.argv[1] == "all" else [sys.argv[1]]
     for name in names:
-        importlib.import_module(WORKLOADS[name]).main(sys.argv[2:] if len(names) == 1 else [])
+        importlib.import_module(f"benchmarks.{name}").main(sys.argv[2:] if len(names) == 1 else [])
 
 
 if __name__ == "__main__":

@@ -28,11 +28,35 @@ def bench_model(preset: str = "bench", pretrain_steps: int = 0) -> Path:
     return out
 
 
+# Every workload, in the order `python -m benchmarks all` runs them and the table lists them.
+WORKLOADS = ("sft", "dpo", "rollout", "grpo", "serve")
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     import torch
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": round(memory_gib, 1),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "measured": time.strftime("%Y-%m-%d")}
+
+
+def describe(m: dict) -> str:
+    """One line naming a results file's machine."""
+    memory = f", {m['memory_gib']:g} GiB" if "memory_gib" in m else ""
+    when = f", measured {m['measured']}" if "measured" in m else ""
+    return f"{m['cpu']}, {m['cores']} cores{memory}, {m['gpu'] or 'no GPU'}, torch {m['torch']}{when}"
 
 
 def matmul_ceiling(threads: int = 0, size: int = 2048, repeats: int = 8) -> float:
@@ -124,13 +148,18 @@ def write_result(workload: str, result: dict) -> Path:
 
 
 def render_table() -> str:
-    """One row per measured comparison in results/*.json."""
+    """One row per measured comparison in results/*.json, then the machines they ran on."""
     lines = ["| workload | metric | rayft | reference | ratio (rayft / reference) |", "|---|---|---|---|---|"]
-    for path in sorted(RESULTS.glob("*.json")):
+    machines: dict[str, list[str]] = {}
+    paths = sorted(RESULTS.glob("*.json"), key=lambda p: (WORKLOADS.index(p.stem) if p.stem in WORKLOADS else 99, p.stem))
+    for path in paths:
         data = json.loads(path.read_text())
         for row in data.get("rows", []):
             lines.append(f"| {data['workload']} | {row['metric']} | {row['rayft']:.4g} | {row['reference']:.4g} "
                          f"({row['reference_name']}) | {row['rayft'] / row['reference']:.2f} |")
+        machines.setdefault(describe(data["machine"]), []).append(data["workload"])
+    lines.append("")
+    lines += [f"Machine ({', '.join(names)}): {text}." for text, names in machines.items()]
     return "\n".join(lines)
 
 

@@ -26,7 +26,9 @@ from benchmarks.common import (CACHE, LORA, bench_model, run_child, run_rayft_jo
 from benchmarks.hf_reference import child_main, matched_args, peft_lora_config, quiet_trainer, step_clock, step_rows
 
 MODES = {"lora": {"lr": 2e-4}, "full": {"lr": 2e-5}}
-LOSS_TOLERANCE = 0.05  # relative, on the mean loss of the last three steps
+# Relative, on the mean loss of the last three steps: the pairs reach the two sides in different
+# orders, and 48 pairs of DPO loss move by several percent with the batch.
+LOSS_TOLERANCE = 0.15
 
 
 @dataclass

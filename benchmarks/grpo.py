@@ -28,13 +28,20 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.common import CACHE, Timer, bench_model, update_performance_doc, write_result
+from benchmarks.common import CACHE, Timer, bench_model, run_child, update_performance_doc, write_result
+from benchmarks.hf_reference import child_main
+from benchmarks.memory import PeakMemory
+
+# rayft's processes of a GRPO run: the training worker, the engine (actor and vLLM's engine
+# core) and the reward actor.
+RUN_ROLES = ("ray::RayTrainWorker", "ray::EngineActor", "ray::RewardActor", "VLLM::")
 
 # What the two sides do differently although the settings match.
 DIFFERENCES = [
@@ -211,11 +218,12 @@ def run_rayft(model_dir: Path, data_path: Path, s: Settings, workdir: Path) -> d
     watcher = MetricsWatcher(config.run_dir / "metrics.jsonl")
     watcher.start()
     try:
-        with Timer() as wall:
+        with Timer() as wall, PeakMemory() as memory:
             summary = run_training(config, echo=lambda *_: None)
     finally:
         watcher.stop()
         ray.shutdown()
+    processes = {name: peak for name, peak in memory.peaks().items() if name.startswith(RUN_ROLES)}
     rows = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     measured = [r for r in rows if "event" not in r and r.get("step", 0) > s.warmup]
     phases = {key: mean(r.get(key) for r in measured)
@@ -224,7 +232,9 @@ def run_rayft(model_dir: Path, data_path: Path, s: Settings, workdir: Path) -> d
             "step_seconds": step_seconds(watcher.ends),
             "mean_reward": mean(r.get("reward_mean") for r in measured),
             "mean_response_tokens": mean(r.get("response_length") for r in measured),
-            "mean_phase_s": phases, "summary_wall_s": summary.get("wall_time_s"), "load_avg": os.getloadavg()}
+            "mean_phase_s": phases, "summary_wall_s": summary.get("wall_time_s"), "load_avg": os.getloadavg(),
+            "peak_rss_mb": {"processes": processes, "total": sum(processes.values()),
+                            "training_workers": summary.get("peak_rss_mb_per_worker")}}
 
 
 def prepare(s: Settings, workdir: Path) -> tuple[Path, Path, list[dict]]:
@@ -247,7 +257,9 @@ def run(s: Settings, reference_only: bool = False) -> dict:
         workdir = Path(tmp)
         model_dir, data_path, rows = prepare(s, workdir)
         rayft = None if reference_only else run_rayft(model_dir, data_path, s, workdir)
-        reference = run_reference(model_dir, rows, s, workdir)
+        reference = run_child("benchmarks.grpo", {"side": "trl", "settings": asdict(s), "model_dir": str(model_dir),
+                                                  "data": str(data_path), "workdir": str(workdir),
+                                                  "threads": s.trl_threads or os.cpu_count() or 1})
     result = {"settings": {**asdict(s), "steady_state": f"steps {s.warmup + 1}..{s.total_steps}: "
                                                          "median step, and steps over their wall time"},
               "reference": reference, "rayft": rayft, "differences": DIFFERENCES}
@@ -258,7 +270,16 @@ def run(s: Settings, reference_only: bool = False) -> dict:
                 ("wall_s", f"GRPO wall time, {s.total_steps} steps with start-up, s")]
         result["rows"] = [{"metric": metric, "rayft": rayft[key], "reference": reference[key], "reference_name": name}
                           for key, metric in rows]
+        result["rows"].append({"metric": "GRPO peak RSS, every process of the run, MiB (lower is better)",
+                               "rayft": rayft["peak_rss_mb"]["total"], "reference": reference["peak_rss_mb"],
+                               "reference_name": name})
     return result
+
+
+def run_trl_child(payload: dict) -> dict:
+    """Child process: TRL's side, on the prompt file rayft trained on."""
+    rows = [json.loads(line) for line in Path(payload["data"]).read_text().splitlines() if line.strip()]
+    return run_reference(Path(payload["model_dir"]), rows, Settings(**payload["settings"]), Path(payload["workdir"]))
 
 
 def main(argv=None) -> None:
@@ -282,3 +303,10 @@ def main(argv=None) -> None:
     for row in result["rows"]:
         print(f"{row['metric']}: rayft {row['rayft']:.1f}, TRL {row['reference']:.1f} "
               f"(x{row['rayft'] / row['reference']:.2f})")
+
+
+if __name__ == "__main__":
+    if "--child" in sys.argv:
+        child_main({"trl": run_trl_child})
+    else:
+        main()

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import CACHE, bench_model, update_performance_doc, write_result
+from benchmarks.memory import PeakMemory
 
 API_KEY = "bench-serve-key"
 RAYFT_PORT, VLLM_PORT = 8123, 8124
@@ -193,13 +194,15 @@ class Server:
 def measure(server: Server, ready_line: str | None, model_id: str, args) -> dict:
     try:
         server.start()
-        ready_s = server.wait_ready(ready_line)
-        print(f"{server.name}: ready after {ready_s:.0f} s; {args.clients} clients for {args.seconds:.0f} s")
-        result = asyncio.run(load(f"http://127.0.0.1:{server.port}", model_id, args.clients, args.seconds,
-                                  args.max_tokens, args.warmup))
+        with PeakMemory(server.proc.pid) as memory:
+            ready_s = server.wait_ready(ready_line)
+            print(f"{server.name}: ready after {ready_s:.0f} s; {args.clients} clients for {args.seconds:.0f} s")
+            result = asyncio.run(load(f"http://127.0.0.1:{server.port}", model_id, args.clients, args.seconds,
+                                      args.max_tokens, args.warmup))
     finally:
         stop_s = server.stop()
-    return {**result, "ready_s": ready_s, "stop_s": stop_s, "command": server.command}
+    return {**result, "ready_s": ready_s, "stop_s": stop_s, "command": server.command,
+            "peak_rss_mb": round(memory.total_peak, 1), "peak_rss_mb_by_process": memory.peaks()}
 
 
 def vllm_version() -> str:
@@ -216,10 +219,9 @@ def vllm_version() -> str:
 def run(args) -> dict:
     model_dir = bench_model()
     model_id = model_dir.name
-    bin_dir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # the size is given in bytes
-    rayft = Server("rayft serve", [str(bin_dir / "rayft"), "serve", str(model_dir), "--port", str(RAYFT_PORT),
-                                   "max_model_len=512", "kv_cache_gb=1", "max_ongoing_requests=64",
+    rayft = Server("rayft serve", [sys.executable, "-m", "cluster.cli", "serve", str(model_dir),
+                                   "--port", str(RAYFT_PORT), "max_model_len=512", "kv_cache_gb=1", "max_ongoing_requests=64",
                                    "max_queued_requests=256"], RAYFT_PORT, {**env, "RAYFT_API_KEY": API_KEY})
     vllm = Server("vllm serve", [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry",
                                  "--model", str(model_dir), "--port", str(VLLM_PORT), "--dtype", "float32",
@@ -242,7 +244,8 @@ def run(args) -> dict:
     metrics = [("requests_per_s", f"requests/s, {args.clients} clients x {args.max_tokens} tokens"),
                ("output_tokens_per_s", "output tokens/s"),
                ("p50_latency_s", "p50 latency, s (lower is better)"),
-               ("p99_latency_s", "p99 latency, s (lower is better)")]
+               ("p99_latency_s", "p99 latency, s (lower is better)"),
+               ("peak_rss_mb", "peak RSS, the server and every process it started, MiB (lower is better)")]
     return {"settings": {"clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens,
                          "warmup": args.warmup, "model": "bench", "model_id": model_id, "temperature": 0.0,
                          "ignore_eos": True, "engine": "float32, eager, max_model_len 512, 1 GiB KV cache"},

@@ -1,6 +1,7 @@
-"""The SFT and DPO benchmarks' own parts: steady-state arithmetic, the FLOP count, the loss
-agreement check, and that the transformers reference's padding-free batches keep
-attention within each sample (else it would do less work than rayft and look faster)."""
+"""The benchmarks' own parts: steady-state arithmetic, the FLOP count, the loss agreement
+check, naming processes for memory reports, and that the transformers reference's
+padding-free batches keep attention within each sample (else it would do less work than
+rayft and look faster)."""
 
 import json
 
@@ -74,3 +75,14 @@ def test_instruction_rows_vary_in_length_and_load_as_chat_data(tmp_path, tiny_mo
     lengths = [len(e.input_ids) for e in examples]
     assert len(examples) == 64 and max(lengths) > 3 * min(lengths)
     assert all(any(label != -100 for label in e.labels) for e in examples)
+
+
+def test_processes_are_named_by_their_ray_or_vllm_title():
+    from benchmarks.memory import PeakMemory, role
+
+    assert role("ray::EngineActor.generate") == "ray::EngineActor"
+    assert role("VLLM::EngineCore") == "VLLM::EngineCore"
+    assert role("/work/.venv/bin/python -m benchmarks all") == "python"
+    memory = PeakMemory()  # this process: sampled once, it counts itself
+    memory.sample()
+    assert memory.total_peak > 50 and memory.peaks("python")
