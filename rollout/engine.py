@@ -62,9 +62,13 @@ def vllm_device_kwargs(on_gpu: bool, dtype: str, kv_cache_gb: float, tensor_para
     and the served ones. On CPU, what the CPU build runs: float32 (no bf16 kernels for
     every op) and eager mode (torch.compile start-up costs minutes for no gain on small
     models), with the KV cache sized in bytes (VLLM_CPU_KVCACHE_SPACE is whole GiB only,
-    and when set in the environment it still takes precedence, as vLLM's legacy knob)."""
+    and when set in the environment it still takes precedence, as vLLM's legacy knob),
+    and whole-prompt prefills."""
     if on_gpu:
         return dict(dtype="bfloat16" if dtype == "auto" else dtype, tensor_parallel_size=tensor_parallel_size,
                     gpu_memory_utilization=gpu_memory_utilization)
+    # No chunked prefill on CPU: when a step's token budget splits a prompt, vLLM rewinds
+    # that request's generator (`set_offset`), which CPU generators do not have, and a
+    # seeded request then kills the engine (vLLM 0.32, `_bookkeeping_sync`).
     return dict(dtype="float32" if dtype == "auto" else dtype, enforce_eager=True,
-                kv_cache_memory_bytes=int(kv_cache_gb * GIB))
+                kv_cache_memory_bytes=int(kv_cache_gb * GIB), enable_chunked_prefill=False)

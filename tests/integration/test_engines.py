@@ -118,6 +118,18 @@ def test_n_samples_in_order_and_seeded(vllm, hf):
         assert _ids(other) != _ids(first)
 
 
+def test_seeded_sampling_over_more_prompt_tokens_than_one_engine_step_takes(vllm):
+    # 64 prompts of about 40 to 170 tokens: more than one engine step of prefill (4096
+    # tokens), so some prompt would straddle two steps. With chunked prefill (vLLM's default) a seeded
+    # request split that way killed the CPU engine ("CPU Generator does not use offset").
+    prompts = [chat(" ".join(["hello world"] * (15 + i))) for i in range(64)]
+    sampling = Sampling(temperature=1.0, max_new_tokens=4, seed=11)
+    groups = vllm.generate(prompts, sampling)
+    assert len(groups) == 64 and all(len(group[0].response_ids) >= 1 for group in groups)
+    assert sum(len(group[0].prompt_ids) for group in groups) > 4096 + 1000
+    assert _ids(vllm.generate(prompts, sampling)) == _ids(groups)  # still seeded: same samples again
+
+
 def _stop_string(text: str) -> str:
     """Three printable ASCII characters from the second half of `text` (a byte-fallback
     token decodes to U+FFFD, which incremental detokenizers may hold back)."""
