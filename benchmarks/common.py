@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -102,6 +105,51 @@ def steady_state(steps: list[dict], warmup: int) -> dict:
             "tokens_measured": sum(r["tokens"] for r in measured),
             "tokens_total": sum(r["tokens"] for r in steps),
             "final_loss": statistics.fmean(r["loss"] for r in steps[-3:])}
+
+
+@dataclass
+class TrainingSettings:
+    """What the training benchmarks (sft, dpo) share: the rayft side runs `workers` workers
+    with micro-batch x accumulation each; a reference accumulates workers x that in one
+    process, so both take steps of the same size."""
+    mode: str = "lora"            # lora | full
+    preset: str = "bench"
+    max_length: int = 256
+    workers: int = 2
+    micro_batch: int = 4
+    grad_accum: int = 2           # per rayft worker
+    steps: int = 12               # measured optimizer steps
+    warmup: int = 2
+    seed: int = 0
+    threads: int = 0              # torch threads of a reference; 0 = every core
+
+    rates: ClassVar[dict[str, float]] = {}  # learning rate per mode
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup + self.steps
+
+    @property
+    def lr(self) -> float:
+        return self.rates[self.mode]
+
+    @property
+    def per_step(self) -> int:
+        """Sequences (sft) or pairs (dpo) per optimizer step."""
+        return self.workers * self.micro_batch * self.grad_accum
+
+
+def passages(n: int, seed: int, prompt_lines: int, answer_lines: int):
+    """n times (rng, prompt, answer): a passage of the tokenizer's corpus cut into a prompt
+    of 1..prompt_lines lines and its continuation of 1..answer_lines lines. The rng is
+    yielded so a caller's own draws (a shuffle) stay in the same seeded stream."""
+    from trainers.models import builtin_corpus
+
+    lines, rng = builtin_corpus(), random.Random(seed)
+    for _ in range(n):
+        start = rng.randrange(len(lines) - 24)
+        k, m = rng.randint(1, prompt_lines), rng.randint(1, answer_lines)
+        yield rng, " ".join(lines[start:start + k]), " ".join(lines[start + k:start + k + m])
 
 
 # LoRA on every linear layer but the head, the same on every side of every benchmark.

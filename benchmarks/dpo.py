@@ -15,64 +15,38 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
-from benchmarks.common import (CACHE, LORA, bench_model, run_child, run_rayft_job, steady_state,
-                               update_performance_doc, write_result)
+from benchmarks.common import (CACHE, LORA, TrainingSettings, bench_model, passages, run_child, run_rayft_job,
+                               steady_state, update_performance_doc, write_result)
 from benchmarks.hf_reference import child_main, matched_args, peft_lora_config, quiet_trainer, step_clock, step_rows
 
-MODES = {"lora": {"lr": 2e-4}, "full": {"lr": 2e-5}}
 # Relative, on the mean loss of the last three steps: the pairs reach the two sides in different
 # orders, and 48 pairs of DPO loss move by several percent with the batch.
 LOSS_TOLERANCE = 0.15
 
 
 @dataclass
-class Settings:
-    mode: str = "lora"
-    preset: str = "bench"
-    pairs: int = 400
-    max_length: int = 256
-    workers: int = 2
-    micro_batch: int = 4          # pairs per micro-batch
-    grad_accum: int = 2           # per rayft worker; TRL accumulates workers x this
+class Settings(TrainingSettings):
+    pairs: int = 400              # preference pairs; micro-batches count pairs
     steps: int = 8
-    warmup: int = 2
     beta: float = 0.1
-    seed: int = 0
-    threads: int = 0              # torch threads of TRL's process; 0 = every core
 
-    @property
-    def total_steps(self) -> int:
-        return self.warmup + self.steps
-
-    @property
-    def lr(self) -> float:
-        return MODES[self.mode]["lr"]
-
-    @property
-    def pairs_per_step(self) -> int:
-        return self.workers * self.micro_batch * self.grad_accum
+    rates: ClassVar[dict[str, float]] = {"lora": 2e-4, "full": 2e-5}
 
 
 def preference_rows(n: int, seed: int) -> list[dict]:
     """Conversational pairs: continue a passage of the tokenizer's corpus; chosen is the
     real continuation, rejected the same words shuffled (so the lengths match)."""
-    from trainers.models import builtin_corpus
-
-    lines, rng = builtin_corpus(), random.Random(seed)
     rows = []
-    for _ in range(n):
-        start = rng.randrange(len(lines) - 24)
-        k, m = rng.randint(1, 5), rng.randint(1, 8)
-        chosen = " ".join(lines[start + k:start + k + m])
+    for rng, prompt, chosen in passages(n, seed, prompt_lines=5, answer_lines=8):
         words = chosen.split()
         rng.shuffle(words)
-        rows.append({"prompt": [{"role": "user", "content": "Continue: " + " ".join(lines[start:start + k])}],
+        rows.append({"prompt": [{"role": "user", "content": f"Continue: {prompt}"}],
                      "chosen": [{"role": "assistant", "content": chosen}],
                      "rejected": [{"role": "assistant", "content": " ".join(words)}]})
     return rows
@@ -90,7 +64,7 @@ def run_rayft(model_dir: Path, data_path: Path, s: Settings, workdir: Path) -> d
                   "max_grad_norm": 1.0, "seed": s.seed, "log_every": 1, "eval_every": 0},
         "cluster": {"num_workers": s.workers, "device": "cpu"},
     }, s.warmup)
-    return {**result, "pairs_per_s": s.pairs_per_step / result["step_s_mean"]}
+    return {**result, "pairs_per_s": s.per_step / result["step_s_mean"]}
 
 
 def run_trl(payload: dict) -> dict:
@@ -115,7 +89,7 @@ def run_trl(payload: dict) -> dict:
                                        callbacks=[clock]))
     trainer.train()
     result = steady_state(step_rows(clock, trainer), s.warmup)
-    return {**result, "pairs_per_s": s.pairs_per_step / result["step_s_mean"],
+    return {**result, "pairs_per_s": s.per_step / result["step_s_mean"],
             "name": f"TRL {trl.__version__} DPOTrainer"}
 
 

@@ -23,63 +23,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
-from benchmarks.common import (CACHE, LORA, bench_model, matmul_ceiling, run_child, run_rayft_job, steady_state,
-                               update_performance_doc, write_result)
+from benchmarks.common import (CACHE, LORA, TrainingSettings, bench_model, matmul_ceiling, passages, run_child,
+                               run_rayft_job, steady_state, update_performance_doc, write_result)
 from benchmarks.hf_reference import (child_main, matched_args, peft_lora_config, quiet_trainer, step_clock,
                                      step_rows)
 
-MODES = {"lora": {"lr": 1e-3}, "full": {"lr": 1e-4}}
 LOSS_TOLERANCE = 0.05  # relative; the sides see the same samples in different orders
 
 
 @dataclass
-class Settings:
-    mode: str = "lora"
-    preset: str = "bench"
-    samples: int = 1200
-    max_length: int = 256
-    workers: int = 2
-    micro_batch: int = 4          # packed sequences per micro-batch
-    grad_accum: int = 2           # per rayft worker; the references accumulate workers x this
-    steps: int = 12               # measured optimizer steps
-    warmup: int = 2
-    seed: int = 0
-    threads: int = 0              # torch threads of the references; 0 = every core
+class Settings(TrainingSettings):
+    samples: int = 1200           # chat samples; micro-batches count packed sequences
 
-    @property
-    def total_steps(self) -> int:
-        return self.warmup + self.steps
-
-    @property
-    def lr(self) -> float:
-        return MODES[self.mode]["lr"]
-
-    @property
-    def sequences_per_step(self) -> int:
-        return self.workers * self.micro_batch * self.grad_accum
+    rates: ClassVar[dict[str, float]] = {"lora": 1e-3, "full": 1e-4}
 
 
 def instruction_rows(n: int, seed: int) -> list[dict]:
     """Chat rows of varied length (about 20 to 250 tokens): continue a passage of the
     tokenizer's corpus, so the model has something learnable."""
-    from trainers.models import builtin_corpus
-
-    lines, rng = builtin_corpus(), random.Random(seed)
-    rows = []
-    for _ in range(n):
-        start = rng.randrange(len(lines) - 24)
-        k, m = rng.randint(1, 6), rng.randint(1, 12)
-        prompt = " ".join(lines[start:start + k])
-        answer = " ".join(lines[start + k:start + k + m])
-        rows.append({"messages": [{"role": "user", "content": f"Continue: {prompt}"},
-                                  {"role": "assistant", "content": answer}]})
-    return rows
+    return [{"messages": [{"role": "user", "content": f"Continue: {prompt}"},
+                          {"role": "assistant", "content": answer}]}
+            for _, prompt, answer in passages(n, seed, prompt_lines=6, answer_lines=12)]
 
 
 def tokenised(model_dir: Path, data_path: Path, s: Settings):
