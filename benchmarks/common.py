@@ -152,6 +152,14 @@ def passages(n: int, seed: int, prompt_lines: int, answer_lines: int):
         yield rng, " ".join(lines[start:start + k]), " ".join(lines[start + k:start + k + m])
 
 
+def loss_check(sides: dict, tolerance: float) -> dict:
+    """Did every reference reach rayft's loss after the same steps, within `tolerance`
+    (relative)? A speed comparison between sides that did not learn alike means nothing."""
+    base = sides["rayft"]["final_loss"]
+    gaps = {name: abs(side["final_loss"] - base) / side["final_loss"] for name, side in sides.items() if name != "rayft"}
+    return {"tolerance": tolerance, "relative_gaps": gaps, "ok": all(g <= tolerance for g in gaps.values())}
+
+
 # LoRA on every linear layer but the head, the same on every side of every benchmark.
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 from pathlib import Path
 
-from benchmarks.common import (CACHE, LORA, TrainingSettings, bench_model, passages, run_child, run_rayft_job,
-                               steady_state, update_performance_doc, write_result)
+from benchmarks.common import (CACHE, LORA, TrainingSettings, bench_model, loss_check, passages, run_child,
+                               run_rayft_job, steady_state, update_performance_doc, write_result)
 from benchmarks.hf_reference import child_main, matched_args, peft_lora_config, quiet_trainer, step_clock, step_rows
 
 # Relative, on the mean loss of the last three steps: the pairs reach the two sides in different
@@ -127,15 +127,14 @@ def main(argv=None) -> None:
         s = Settings(mode=mode, **args)
         with tempfile.TemporaryDirectory(prefix=f"dpo-{mode}-", dir=CACHE) as tmp:
             sides = run_mode(s, Path(tmp))
-        gap = abs(sides["rayft"]["final_loss"] - sides["trl"]["final_loss"]) / sides["trl"]["final_loss"]
-        check = {"tolerance": LOSS_TOLERANCE, "relative_gap": gap, "ok": gap <= LOSS_TOLERANCE}
+        check = loss_check(sides, LOSS_TOLERANCE)
         result["modes"][mode] = {"settings": asdict(s), "sides": sides, "loss_check": check}
         result["rows"] += comparison_rows(s, sides)
         for name, side in sides.items():
             print(f"dpo {mode} {name}: {side['pairs_per_s']:.2f} pairs/s, loss {side['final_loss']:.4f}, "
                   f"peak RSS {side['peak_rss_mb']} MiB")
         if not check["ok"]:
-            print(f"warning: dpo {mode}: losses differ by {gap:.1%} (more than {LOSS_TOLERANCE:.0%})")
+            print(f"warning: dpo {mode}: losses differ by more than {LOSS_TOLERANCE:.0%}: {check['relative_gaps']}")
     print(write_result("dpo", result))
     update_performance_doc()
 

@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 from pathlib import Path
 
-from benchmarks.common import (CACHE, LORA, TrainingSettings, bench_model, matmul_ceiling, passages, run_child,
-                               run_rayft_job, steady_state, update_performance_doc, write_result)
+from benchmarks.common import (CACHE, LORA, TrainingSettings, bench_model, loss_check, matmul_ceiling, passages,
+                               run_child, run_rayft_job, steady_state, update_performance_doc, write_result)
 from benchmarks.hf_reference import (child_main, matched_args, peft_lora_config, quiet_trainer, step_clock,
                                      step_rows)
 
@@ -203,13 +203,6 @@ def comparison_rows(mode: str, sides: dict) -> list[dict]:
     return rows
 
 
-def loss_check(sides: dict) -> dict:
-    """Do the sides reach the same loss after the same steps (within LOSS_TOLERANCE)?"""
-    base = sides["rayft"]["final_loss"]
-    gaps = {name: abs(side["final_loss"] - base) / side["final_loss"] for name, side in sides.items() if name != "rayft"}
-    return {"tolerance": LOSS_TOLERANCE, "relative_gaps": gaps, "ok": all(g <= LOSS_TOLERANCE for g in gaps.values())}
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks sft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,7 +221,7 @@ def main(argv=None) -> None:
         s = Settings(mode=mode, **args)
         with tempfile.TemporaryDirectory(prefix=f"sft-{mode}-", dir=CACHE) as tmp:
             sides = run_mode(s, references, ceiling, Path(tmp))
-        check = loss_check(sides)
+        check = loss_check(sides, LOSS_TOLERANCE)
         result["modes"][mode] = {"settings": asdict(s), "sides": sides, "loss_check": check}
         result["rows"] += comparison_rows(mode, sides)
         for name, side in sides.items():

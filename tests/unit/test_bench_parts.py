@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from benchmarks.common import steady_state
-from benchmarks.sft import FlatPackedCollator, instruction_rows, loss_check, model_params
+from benchmarks.common import loss_check, steady_state
+from benchmarks.sft import FlatPackedCollator, instruction_rows, model_params
 
 
 def test_steady_state_leaves_out_the_warm_up():
@@ -27,9 +27,9 @@ def test_steady_state_leaves_out_the_warm_up():
 
 def test_loss_check_flags_sides_that_did_not_learn_alike():
     sides = {"rayft": {"final_loss": 2.0}, "trl": {"final_loss": 2.05}, "transformers": {"final_loss": 2.0}}
-    assert loss_check(sides)["ok"]
+    assert loss_check(sides, 0.05)["ok"]
     sides["trl"]["final_loss"] = 2.5
-    check = loss_check(sides)
+    check = loss_check(sides, 0.05)
     assert not check["ok"] and check["relative_gaps"]["trl"] == pytest.approx(0.2)
 
 
