@@ -255,7 +255,7 @@ def run(s: Settings, reference_only: bool = False) -> dict:
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="grpo-", dir=CACHE) as tmp:
         workdir = Path(tmp)
-        model_dir, data_path, rows = prepare(s, workdir)
+        model_dir, data_path, _ = prepare(s, workdir)
         rayft = None if reference_only else run_rayft(model_dir, data_path, s, workdir)
         reference = run_child("benchmarks.grpo", {"side": "trl", "settings": asdict(s), "model_dir": str(model_dir),
                                                   "data": str(data_path), "workdir": str(workdir),

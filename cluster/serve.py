@@ -134,6 +134,9 @@ def serve_model(cfg, address: str | None) -> int:
 def _serve_until_stopped() -> int:
     from ray import serve
 
+    # Ctrl-C and SIGTERM both stop it, even when started from a script in the background
+    # (which starts it with SIGINT ignored, and Python then installs no handler of its own).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while True:
