@@ -11,7 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -158,6 +158,21 @@ def loss_check(sides: dict, tolerance: float) -> dict:
     base = sides["rayft"]["final_loss"]
     gaps = {name: abs(side["final_loss"] - base) / side["final_loss"] for name, side in sides.items() if name != "rayft"}
     return {"tolerance": tolerance, "relative_gaps": gaps, "ok": all(g <= tolerance for g in gaps.values())}
+
+
+def record_mode(result: dict, workload: str, s: TrainingSettings, sides: dict, rows: list[dict], tolerance: float,
+                rate: str) -> None:
+    """Add one mode's sides, loss check and table rows to `result`, and print a line per
+    side (`rate` names the side's throughput key) plus a warning when the losses differ."""
+    check = loss_check(sides, tolerance)
+    result["modes"][s.mode] = {"settings": asdict(s), "sides": sides, "loss_check": check}
+    result["rows"] += rows
+    for name, side in sides.items():
+        mfu = f", MFU {side['mfu']:.1%}" if "mfu" in side else ""
+        print(f"{workload} {s.mode} {name}: {side[rate]:.4g} {rate.replace('_per_s', '/s')}{mfu}, "
+              f"loss {side['final_loss']:.4g}, peak RSS {side['peak_rss_mb']} MiB")
+    if not check["ok"]:
+        print(f"warning: {workload} {s.mode}: losses differ by more than {tolerance:.0%}: {check['relative_gaps']}")
 
 
 # LoRA on every linear layer but the head, the same on every side of every benchmark.

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 from pathlib import Path
 
-from benchmarks.common import (CACHE, LORA, TrainingSettings, bench_model, loss_check, passages, run_child,
+from benchmarks.common import (CACHE, LORA, TrainingSettings, bench_model, passages, record_mode, run_child,
                                run_rayft_job, steady_state, update_performance_doc, write_result)
 from benchmarks.hf_reference import child_main, matched_args, peft_lora_config, quiet_trainer, step_clock, step_rows
 
@@ -127,14 +127,7 @@ def main(argv=None) -> None:
         s = Settings(mode=mode, **args)
         with tempfile.TemporaryDirectory(prefix=f"dpo-{mode}-", dir=CACHE) as tmp:
             sides = run_mode(s, Path(tmp))
-        check = loss_check(sides, LOSS_TOLERANCE)
-        result["modes"][mode] = {"settings": asdict(s), "sides": sides, "loss_check": check}
-        result["rows"] += comparison_rows(s, sides)
-        for name, side in sides.items():
-            print(f"dpo {mode} {name}: {side['pairs_per_s']:.2f} pairs/s, loss {side['final_loss']:.4f}, "
-                  f"peak RSS {side['peak_rss_mb']} MiB")
-        if not check["ok"]:
-            print(f"warning: dpo {mode}: losses differ by more than {LOSS_TOLERANCE:.0%}: {check['relative_gaps']}")
+        record_mode(result, "dpo", s, sides, comparison_rows(s, sides), LOSS_TOLERANCE, rate="pairs_per_s")
     print(write_result("dpo", result))
     update_performance_doc()
 

@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.common import CACHE, Timer, bench_model, run_child, update_performance_doc, write_result
-from benchmarks.hf_reference import child_main
+from benchmarks.hf_reference import child_main, quiet_trainer, step_clock
+from cluster.progress import MetricsFollower
 from benchmarks.memory import PeakMemory
 
 # rayft's processes of a GRPO run: the training worker, the engine (actor and vLLM's engine
@@ -113,7 +114,6 @@ def run_reference(model_dir: Path, rows: list[dict], s: Settings, workdir: Path)
 
     import torch
     from datasets import Dataset
-    from transformers import PrinterCallback, TrainerCallback
 
     with warnings.catch_warnings():  # TRL warns about the vLLM version even when it does not use vLLM
         warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
@@ -122,15 +122,8 @@ def run_reference(model_dir: Path, rows: list[dict], s: Settings, workdir: Path)
 
     from trainers.models import load_causal_lm, load_tokenizer
 
-    if s.trl_threads:
-        torch.set_num_threads(s.trl_threads)
     dataset = Dataset.from_list([{"prompt": row["messages"][:1], "reference": row["reference"]} for row in rows])
-    ends: dict[int, float] = {}
-
-    class StepClock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            ends[state.global_step] = time.perf_counter()
-
+    clock = step_clock()
     args = GRPOConfig(
         output_dir=str(workdir / "trl"), max_steps=s.total_steps, seed=s.seed,
         # One generation batch per optimizer step: P prompts x G samples, one pass, no accumulation.
@@ -142,12 +135,12 @@ def run_reference(model_dir: Path, rows: list[dict], s: Settings, workdir: Path)
         # TRL's own defaults (bf16, gradient checkpointing) differ from rayft's CPU defaults.
         bf16=False, gradient_checkpointing=False, use_cpu=True, use_vllm=False,
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0)
-    trainer = GRPOTrainer(model=load_causal_lm(model_dir), reward_funcs=trl_reward, args=args,
-                          train_dataset=dataset, processing_class=load_tokenizer(model_dir),
-                          callbacks=[StepClock()])
-    trainer.remove_callback(PrinterCallback)  # one printed dict per step otherwise
+    trainer = quiet_trainer(GRPOTrainer(model=load_causal_lm(model_dir), reward_funcs=trl_reward, args=args,
+                                        train_dataset=dataset, processing_class=load_tokenizer(model_dir),
+                                        callbacks=[clock]))
     with Timer() as wall:
         trainer.train()
+    ends = {step: end for step, end, _ in clock.ends}
     measured = [h for h in trainer.state.log_history if s.warmup < h.get("step", 0) and "reward" in h]
     return {**steady_rates(ends, s.warmup, s.total_steps), "wall_s": wall.seconds,
             "step_seconds": step_seconds(ends),
@@ -163,7 +156,7 @@ class MetricsWatcher(threading.Thread):
 
     def __init__(self, path: Path, interval: float = 0.02):
         super().__init__(daemon=True)
-        self.path, self.interval, self.ends = path, interval, {}
+        self.follower, self.interval, self.ends = MetricsFollower(path), interval, {}
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -171,14 +164,8 @@ class MetricsWatcher(threading.Thread):
             self.poll()
 
     def poll(self) -> None:
-        if not self.path.exists():
-            return
         now = time.perf_counter()
-        for line in self.path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line being written
-                continue
+        for row in self.follower.rows():
             if "event" not in row and row.get("step", 0) > 0:
                 self.ends.setdefault(row["step"], now)
 

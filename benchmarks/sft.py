@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 from pathlib import Path
 
-from benchmarks.common import (CACHE, LORA, TrainingSettings, bench_model, loss_check, matmul_ceiling, passages,
+from benchmarks.common import (CACHE, LORA, TrainingSettings, bench_model, matmul_ceiling, passages, record_mode,
                                run_child, run_rayft_job, steady_state, update_performance_doc, write_result)
 from benchmarks.hf_reference import (child_main, matched_args, peft_lora_config, quiet_trainer, step_clock,
                                      step_rows)
@@ -221,14 +221,7 @@ def main(argv=None) -> None:
         s = Settings(mode=mode, **args)
         with tempfile.TemporaryDirectory(prefix=f"sft-{mode}-", dir=CACHE) as tmp:
             sides = run_mode(s, references, ceiling, Path(tmp))
-        check = loss_check(sides, LOSS_TOLERANCE)
-        result["modes"][mode] = {"settings": asdict(s), "sides": sides, "loss_check": check}
-        result["rows"] += comparison_rows(mode, sides)
-        for name, side in sides.items():
-            print(f"sft {mode} {name}: {side['tokens_per_s']:.0f} tokens/s, MFU {side['mfu']:.1%}, "
-                  f"loss {side['final_loss']:.3f}, peak RSS {side['peak_rss_mb']} MiB")
-        if not check["ok"]:
-            print(f"warning: sft {mode}: losses differ by more than {LOSS_TOLERANCE:.0%}: {check['relative_gaps']}")
+        record_mode(result, "sft", s, sides, comparison_rows(mode, sides), LOSS_TOLERANCE, rate="tokens_per_s")
     print(write_result("sft", result))
     update_performance_doc()
 

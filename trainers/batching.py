@@ -78,7 +78,6 @@ class StepBatches:
             out.append(chunk[self.rank * p.batch_size:(self.rank + 1) * p.batch_size])
         return out
 
-
     def _grouped_by_length(self, step_ids: list[int]) -> list[list[int]]:
         """Longest first, cut into micro-batches, dealt to workers in snake order (0 1 1 0
         0 1 ...), so every worker's longest and shortest micro-batches pair up."""
