@@ -1,29 +1,28 @@
 """The job config: composes each part's typed config, loads YAML, applies `key.sub=value`
 overrides and validates. An unknown key, a wrong type or a bad value raises
-`ConfigError` naming the full key and what was expected.
+`ConfigError` naming the full key and what was expected (the machinery is
+`cluster.config_core`; its public names are importable from here too).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
-
-import yaml
 
 from trainers.config import (DataConfig, DPOConfig, FreezeConfig, ModelConfig, PeftConfig, RewardConfig, TrainConfig,
                               opt)
 from rollout.config import RolloutConfig
 from rollout.rewards import RewardSpec
+from cluster.config_core import (apply_override, config_help, dump_yaml, field_help, from_dict,  # noqa: F401
+                                 read_config_file, set_key, to_dict)
 from cluster.tune_config import TuneConfig
-from trainers.errors import ConfigError, UserError
+from trainers.errors import ConfigError
+from trainers.methods import METHOD_NAMES, method_spec, methods_help
 from trainers.rl.config import AlgoConfig, DistillConfig
 
-# Methods whose sampled responses are scored by rewards.
-REWARD_METHODS = ("ppo", "grpo")
+MethodName = Literal[METHOD_NAMES]
 
 
 @dataclass
@@ -55,12 +54,7 @@ class ClusterConfig:
 
 @dataclass
 class JobConfig:
-    method: Literal["sft", "cpt", "classification", "rm", "dpo", "ppo", "grpo", "distill"] = opt(
-        "sft", "sft: loss on assistant turns (or every token of raw text); cpt: continued pre-training "
-               "on raw text; classification: a sequence-classification head on text/label data; rm: a "
-               "reward model from preference pairs or scores; dpo: direct preference optimisation; ppo: "
-               "PPO with a value head against rewards; grpo: critic-free RL (GRPO, RLOO, REINFORCE++); "
-               "distill: knowledge distillation from a teacher (offline or on-policy).")
+    method: MethodName = opt("sft", methods_help())
     name: str = opt("", "Run name; the run directory is output_dir/name (default: the config file's stem).")
     output_dir: str = opt("runs", "Parent directory of run directories.")
     model: ModelConfig = opt(ModelConfig, "The model to start from.")
@@ -84,7 +78,7 @@ class JobConfig:
     def validate(self, section: str = "") -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "rewards" and self.method not in REWARD_METHODS:
+            if f.name == "rewards" and not self.spec.rewards:
                 continue  # no rewards needed, so none required
             if dataclasses.is_dataclass(value) and hasattr(value, "validate"):
                 value.validate(f.name)
@@ -107,10 +101,10 @@ class JobConfig:
             raise ConfigError("cluster.device", "peft.method qlora needs cuda")
         if self.dpo.reference == "adapter_disabled" and peft == "none":
             raise ConfigError("dpo.reference", "adapter_disabled needs a PEFT method (peft.method)")
-        if peft == "qlora" and self.method in ("classification", "rm"):
-            raise ConfigError("peft.method", "qlora is not supported for method classification")
-        if self.method == "distill" and not self.distill.teacher:
-            raise ConfigError("distill.teacher", "method distill needs a teacher model directory")
+        if peft == "qlora" and not self.spec.qlora:
+            raise ConfigError("peft.method", f"qlora is not supported for method {self.method}")
+        if self.spec.teacher and not self.distill.teacher:
+            raise ConfigError("distill.teacher", f"method {self.method} needs a teacher model directory")
         if self.uses_rollouts:
             if peft not in ("none", "lora"):
                 raise ConfigError("peft.method", f"method {self.method} syncs weights to the rollout engines, "
@@ -124,9 +118,17 @@ class JobConfig:
                 raise ConfigError("algo.reference", "adapter_disabled needs a PEFT method (peft.method)")
 
     @property
+    def spec(self):
+        """This method's entry in `trainers.methods.METHODS`."""
+        return method_spec(self.method)
+
+    @property
     def uses_rollouts(self) -> bool:
-        """True when the run samples from the rollout pool."""
-        return self.method in REWARD_METHODS or (self.method == "distill" and self.distill.mode == "on_policy")
+        """True when the run samples from the rollout pool (and so runs the RL loop)."""
+        return self.spec.on_policy(self)
+
+
+TuneConfig.job_config = JobConfig
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), default_name: str = "") -> JobConfig:
@@ -141,51 +143,6 @@ def load_config(path: str | Path | None, overrides: list[str] = (), default_name
     config = from_dict(JobConfig, data)
     config.validate()
     return config
-
-
-def read_config_file(path: str | Path) -> dict:
-    """A YAML file whose top level is a mapping of config keys."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: the top level must be a mapping of config keys")
-    return data
-
-
-def apply_override(data: dict, item: str) -> None:
-    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (2 -> int, [a, b] -> list)."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise UserError(f"override '{item}' must look like key.sub=value")
-    set_key(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-
-
-def set_key(data: dict, key: str, value) -> None:
-    """Set the dotted `key` (a.b.c) in nested config data, creating sections on the way."""
-    node, parts = data, key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(key, f"'{part}' is not a section")
-    node[parts[-1]] = value
-
-
-def from_dict(cls, data: Any, prefix: str = ""):
-    """Build dataclass `cls` from plain data, checking every key and type."""
-    if not isinstance(data, dict):
-        raise ConfigError(prefix or cls.__name__, f"expected a mapping, got {_kind(data)}")
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(_join(prefix, unknown[0]), f"unknown key (valid keys: {', '.join(sorted(names))})")
-    kwargs = {name: _coerce(hints[name], value, _join(prefix, name)) for name, value in data.items()}
-    return cls(**kwargs)
 
 
 def with_absolute_paths(config: JobConfig) -> JobConfig:
@@ -209,100 +166,3 @@ def trained_model(path: str) -> str:
     if run and not (run / "config.json").is_file() and (run / "final" / "config.json").is_file():
         return str(run / "final")
     return path
-
-
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
-
-
-def dump_yaml(config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
-
-
-def config_help(cls, prefix: str = "") -> str:
-    """One line per leaf key: the key, its help and its default (the --help-config text)."""
-    rows = field_help(cls)
-    width = max(len(prefix + key) for key, _, _ in rows) + 2
-    return "\n".join(f"{prefix + key:{width}}{help_text} [default: {default!r}]" for key, help_text, default in rows)
-
-
-def field_help(cls) -> list[tuple[str, str, Any]]:
-    """(key, help, default) for every leaf key, for `rayft train --help-config`."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        hint = _hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            rows += [(f"{f.name}.{k}", h, d) for k, h, d in field_help(hint)]
-        else:
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            rows.append((f.name, f.metadata.get("help", ""), default))
-    return rows
-
-
-def _coerce(hint, value, key: str):
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(key, f"must be one of {', '.join(map(str, args))}; got {value!r}")
-        return value
-    if origin is list:
-        (item,) = args
-        if dataclasses.is_dataclass(item) and not isinstance(value, list):
-            value = [value]  # a single source may be written without the list
-        if not isinstance(value, list):
-            raise ConfigError(key, f"expected a list, got {_kind(value)}")
-        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping, got {_kind(value)}")
-        key_type, value_type = args
-        return {_coerce(key_type, k, f"{key}.{k}"): _coerce(value_type, v, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(hint):
-        if isinstance(value, str) and "path" in {f.name for f in dataclasses.fields(hint)}:
-            value = {"path": value}  # a bare path stands for {path: ...}
-        return from_dict(hint, value, key)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):
-            value = _yaml_number(value)  # YAML 1.1 reads `2e-4` (no dot) as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got {value!r}")
-        return value
-    if hint is Any:
-        return value
-    raise ConfigError(key, f"unsupported config type {hint}")
-
-
-def _yaml_number(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _kind(value) -> str:
-    return type(value).__name__ if value is not None else "nothing"

@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 from typing import Mapping
 
-from cluster.config import REWARD_METHODS, to_dict
+from cluster.config import to_dict
 from trainers.errors import ConfigError, UserError
 
 # Where `rayft submit` stages the resolved config inside the uploaded working directory.
@@ -170,9 +170,9 @@ def config_paths(config) -> list[tuple[str, str]]:
     out = [("model.path", config.model.path)]
     for section in ("train", "eval", "replay"):
         out += [(f"data.{section}[{i}].path", s.path) for i, s in enumerate(getattr(config.data, section))]
-    if config.method == "distill" and config.distill.teacher:
+    if config.spec.teacher and config.distill.teacher:
         out.append(("distill.teacher", config.distill.teacher))
-    if config.method in REWARD_METHODS:
+    if config.spec.rewards:
         for i, term in enumerate(config.rewards.rewards):
             fn = term.fn if isinstance(term.fn, str) else ""
             where = fn[len("model:"):] if fn.startswith("model:") else fn.rpartition(":")[0]

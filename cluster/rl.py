@@ -6,16 +6,15 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from cluster.config import REWARD_METHODS
 from trainers.rl.collect import Services
 
 
 def actor_cpus(config) -> float:
     """CPUs the run's actors reserve besides the training workers."""
     cpus = config.rollout.num_engines * config.rollout.cpus_per_engine
-    if config.method in REWARD_METHODS:
+    if config.spec.rewards:
         cpus += config.rewards.num_actors * config.rewards.cpus_per_actor
-    if config.method == "distill":
+    if config.spec.teacher:
         cpus += config.distill.cpus_per_teacher
     return cpus
 
@@ -33,11 +32,11 @@ def rollout_services(config, use_gpu: bool, echo=print):
         pool = RolloutPool(config.model.path, config.rollout, use_gpu=use_gpu)
         started.append(pool.shutdown)
         services = Services(pool)
-        if config.method in REWARD_METHODS:
+        if config.spec.rewards:
             services.reward_actors = start_reward_actors(config.rewards)
             services.reward_timeout_s = config.rewards.timeout_s
             started.append(lambda: stop_reward_actors(services.reward_actors))
-        if config.method == "distill":
+        if config.spec.teacher:
             from rollout.teacher import start_teacher, stop_teacher
 
             d = config.distill

@@ -21,30 +21,16 @@ from trainers.loop import method_worker
 from trainers.metrics import read_metrics
 from trainers.models import load_tokenizer
 
-# method -> (the Method class the workers run, data purpose)
-METHODS = {
-    "sft": ("trainers.method:Method", "sft"),
-    "cpt": ("trainers.method:Method", "sft"),
-    "classification": ("trainers.classify:ClassificationMethod", "classification"),
-    "rm": ("trainers.reward:RewardMethod", "preference"),
-    "dpo": ("trainers.dpo:DPOMethod", "preference"),
-    "distill": ("trainers.distill:DistillMethod", "sft"),  # offline; on-policy runs the RL loop
-}
-
-
 def run_training(config: JobConfig, echo=print) -> dict:
     """Run `config` to completion on Ray; returns the summary written to summary.json."""
-    method_class, purpose = METHODS.get(config.method, (None, "prompt"))
-    if config.method == "rm" and config.rm.objective == "regression":
-        purpose = "scored"
-    if config.uses_rollouts:
-        purpose = "prompt"
+    spec = config.spec
     config = with_absolute_paths(config)
     run_dir = config.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code, config.data.chat_template)
-    datasets = build_datasets(config.data, tokenizer, purpose=purpose)
-    method_kwargs = _prepare(config, datasets, tokenizer)
+    datasets = build_datasets(config.data, tokenizer, purpose=spec.data(config))
+    # Method-specific checks and encoding fail here, on the driver, not in a worker.
+    method_kwargs = spec.prepare(config, datasets, tokenizer) if spec.prepare else {}
     _echo_data(datasets.stats, echo)
     _check_resume(config, run_dir, echo)
     batch, accum = config.train.batch_size, config.train.grad_accum
@@ -70,7 +56,7 @@ def run_training(config: JobConfig, echo=print) -> dict:
             result = _fit(_trainer(config, run_dir, rl_worker, loop_config | {"services": services}, use_gpu),
                           run_dir, plan.total_steps)
     else:
-        loop_config |= {"method": method_class, "method_kwargs": method_kwargs}
+        loop_config |= {"method": spec.method_class, "method_kwargs": method_kwargs}
         result = _fit(_trainer(config, run_dir, method_worker, loop_config, use_gpu), run_dir, plan.total_steps)
     summary = summarise(config, run_dir, time.time() - started, datasets.stats, plan.total_steps)
     if config.uses_rollouts:
@@ -120,30 +106,6 @@ def summarise(config: JobConfig, run_dir: Path, wall_s: float, data_stats: dict,
         "peft": config.peft.method, "final_dir": str(run_dir / "final"),
         "peak_rss_mb_per_worker": memory[-1] if memory else None,
     }
-
-
-def _prepare(config: JobConfig, datasets, tokenizer) -> dict:
-    """Method-specific checks and encoding that must fail on the driver, not in a worker;
-    returns the extra arguments of the method's constructor."""
-    if config.method == "cpt":
-        not_raw = [s["path"] for s in datasets.stats["sources"] if s["format"] != "text"]
-        if not_raw:
-            raise UserError(f"method cpt trains on raw text ('text' rows); {not_raw[0]} is not raw text "
-                            "(use method sft for instruction or chat data)")
-    elif config.method == "classification":
-        from trainers.classify import prepare_classification
-
-        return {"labels": prepare_classification(datasets, tokenizer, config.data)}
-    elif config.method == "distill":
-        from trainers.distill import check_teacher
-
-        check_teacher(config, tokenizer)
-    elif config.method in ("rm", "dpo"):
-        from trainers.reward import encode_preference_sets
-
-        objective = config.rm.objective if config.method == "rm" else "pairwise"
-        encode_preference_sets(datasets, tokenizer, config.data, objective)
-    return {}
 
 
 def _check_resume(config: JobConfig, run_dir: Path, echo) -> None:

@@ -23,8 +23,9 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+from cluster.config_core import coerce, field_help, from_dict, set_key
 from rollout.config import opt
 from trainers.errors import ConfigError
 
@@ -64,6 +65,10 @@ class Distribution:
 
 @dataclass
 class TuneConfig:
+    # The config class whose keys the space names. `cluster.config`, which composes this
+    # section into it, sets it, so that this module imports no other section.
+    job_config: ClassVar[type | None] = None
+
     space: dict[str, Any] = opt(dict, "Keys to search (rayft tune): dotted config key -> one distribution, "
                                       "{choice: [v, ...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]} or "
                                       "{randint: [lo, hi]} (integers, both ends included).")
@@ -117,9 +122,7 @@ def _flatten(space: dict, prefix: str = "") -> dict:
 
 def _kind(key: str) -> str | None:
     """'section' or 'leaf' for a dotted JobConfig key; None when it is neither."""
-    from cluster.config import JobConfig
-
-    cls = JobConfig
+    cls = _job_config()
     for part in key.split("."):
         hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
         if part not in hints:
@@ -139,9 +142,7 @@ def _parse(key: str, spec: Any, where: str) -> Distribution:
     if kind == "choice":
         if not isinstance(args, list) or not args:
             raise ConfigError(where, "choice needs a non-empty list of values")
-        from cluster.config import _coerce
-
-        return Distribution(key, kind, tuple(_coerce(hint, v, f"{where}[{i}]") for i, v in enumerate(args)))
+        return Distribution(key, kind, tuple(coerce(hint, v, f"{where}[{i}]") for i, v in enumerate(args)))
     if not isinstance(args, list) or len(args) != 2:
         raise ConfigError(where, f"{kind} needs [lo, hi], got {args!r}")
     base = _numeric(hint)
@@ -159,17 +160,15 @@ def _parse(key: str, spec: Any, where: str) -> Distribution:
 
 def _leaf_hint(key: str, where: str):
     """The type of config key `key` (a dotted path to a leaf of JobConfig)."""
-    from cluster.config import JobConfig, field_help
-
     parts = key.split(".")
     if parts[0] in NOT_SEARCHABLE:
         raise ConfigError(where, f"'{parts[0]}' cannot be searched (name and output_dir place each trial's "
                                  "run directory; tune is the search itself)")
-    cls = JobConfig
+    cls = root = _job_config()
     for i, part in enumerate(parts):
         hints = typing.get_type_hints(cls)
         if part not in hints:
-            leaves = [k for k, _, _ in field_help(JobConfig)]
+            leaves = [k for k, _, _ in field_help(root)]
             close = difflib.get_close_matches(key, leaves, n=1)
             hint = f"; did you mean {close[0]}?" if close else " (see `rayft train --help-config`)"
             raise ConfigError(where, f"'{key}' is not a config key{hint}")
@@ -210,16 +209,20 @@ def trial_config(base: dict, values: dict, name: str, output_dir: str):
     key set to its sampled value, as `key=value` overrides would set it, the tune section
     dropped, and its own run directory `output_dir/name`. Raises ConfigError for a value
     that makes the config invalid."""
-    from cluster.config import JobConfig, from_dict, set_key
-
     data = copy.deepcopy(base)
     data.pop("tune", None)
     for key, value in values.items():
         set_key(data, key, plain(value))
     data["name"], data["output_dir"] = name, output_dir
-    config = from_dict(JobConfig, data)
+    config = from_dict(_job_config(), data)
     config.validate()
     return config
+
+
+def _job_config() -> type:
+    if TuneConfig.job_config is None:
+        raise RuntimeError("import cluster.config first: it composes the job config the tune space names")
+    return TuneConfig.job_config
 
 
 def plain(value):

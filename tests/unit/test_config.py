@@ -121,3 +121,15 @@ def test_a_run_directory_stands_for_its_final_model(tmp_path):
     resolved = with_absolute_paths(config)
     assert resolved.model.path == str(run / "final")
     assert resolved.distill.teacher == str(plain)
+
+
+def test_the_config_core_and_the_tune_section_import_no_section():
+    """No import cycle: the core imports no section, and the tune section only the core."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cluster.tune_config, cluster.config_core; "
+            "print(sorted(m for m in sys.modules if m in ('cluster.config', 'trainers.config', "
+            "'rollout.rewards', 'trainers.rl.config')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from trainers.methods import method_spec, resolve
 from trainers.rl.experience import Experience, token_logp
 from trainers.rl_losses import (aggregate, broadcast_to_tokens, entropy_from_logits, gae, grpo_advantages, kl_estimate,
                                 masked_mean, masked_whiten, ppo_policy_loss, reinforce_pp_advantages,
@@ -34,6 +35,10 @@ class Objective:
 
     def __init__(self, algo, kl: AdaptiveKL, temperature: float):
         self.algo, self.kl, self.temperature = algo, kl, temperature
+
+    @classmethod
+    def from_job(cls, job, kl: AdaptiveKL) -> "Objective":
+        return cls(job.algo, kl, job.algo.temperature)
 
     @property
     def needs_reference(self) -> bool:
@@ -119,6 +124,10 @@ class OnPolicyDistill(Objective):
         super().__init__(algo, kl, temperature)
         self.distill = distill
 
+    @classmethod
+    def from_job(cls, job, kl):
+        return cls(job.algo, kl, job.algo.temperature, job.distill)
+
     def prepare(self, exp, group_size):
         return {}
 
@@ -134,9 +143,8 @@ class OnPolicyDistill(Objective):
 
 
 def build_objective(job, kl: AdaptiveKL) -> Objective:
-    algo = job.algo
-    if job.method == "ppo":
-        return PPO(algo, kl, algo.temperature)
-    if job.method == "grpo":
-        return GroupRL(algo, kl, algo.temperature)
-    return OnPolicyDistill(algo, kl, algo.temperature, job.distill)
+    """The objective `trainers.methods.METHODS` names for `job.method`."""
+    spec = method_spec(job.method)
+    if not spec.objective:
+        raise ValueError(f"method '{job.method}' has no RL objective in trainers.methods.METHODS")
+    return resolve(spec.objective).from_job(job, kl)
