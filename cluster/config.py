@@ -23,6 +23,9 @@ from trainers.methods import METHOD_NAMES, method_spec, methods_help
 from trainers.rl.config import AlgoConfig, DistillConfig
 
 MethodName = Literal[METHOD_NAMES]
+# Keys that moved: the old spelling is refused with the new one named.
+MOVED_KEYS = {"dpo.reference": "model.reference (one reference model for DPO and RL; copy is now frozen_copy)",
+              "algo.reference": "model.reference (one reference model for DPO and RL; copy is now frozen_copy)"}
 
 
 @dataclass
@@ -99,8 +102,8 @@ class JobConfig:
             raise ConfigError("cluster.strategy", "zero3 cannot shard QLoRA's 4-bit base weights; use ddp, zero1 or zero2")
         if peft == "qlora" and self.cluster.device == "cpu":
             raise ConfigError("cluster.device", "peft.method qlora needs cuda")
-        if self.dpo.reference == "adapter_disabled" and peft == "none":
-            raise ConfigError("dpo.reference", "adapter_disabled needs a PEFT method (peft.method)")
+        if self.model.reference == "adapter_disabled" and peft == "none":
+            raise ConfigError("model.reference", "adapter_disabled needs a PEFT method (peft.method)")
         if peft == "qlora" and not self.spec.qlora:
             raise ConfigError("peft.method", f"qlora is not supported for method {self.method}")
         if self.spec.teacher and not self.distill.teacher:
@@ -114,8 +117,6 @@ class JobConfig:
             if self.method == "grpo" and self.algo.estimator != "reinforce_pp" and self.algo.samples_per_prompt < 2:
                 raise ConfigError("algo.samples_per_prompt", f"estimator {self.algo.estimator} compares the samples "
                                                              "of a prompt and needs at least 2")
-            if self.algo.reference == "adapter_disabled" and peft == "none":
-                raise ConfigError("algo.reference", "adapter_disabled needs a PEFT method (peft.method)")
 
     @property
     def spec(self):
@@ -140,9 +141,17 @@ def load_config(path: str | Path | None, overrides: list[str] = (), default_name
     for item in overrides:
         apply_override(data, item)
     data.setdefault("name", default_name)
+    _refuse_moved_keys(data)
     config = from_dict(JobConfig, data)
     config.validate()
     return config
+
+
+def _refuse_moved_keys(data: dict) -> None:
+    for old, new in MOVED_KEYS.items():
+        section, _, leaf = old.partition(".")
+        if isinstance(data.get(section), dict) and leaf in data[section]:
+            raise ConfigError(old, f"has moved to {new}")
 
 
 def with_absolute_paths(config: JobConfig) -> JobConfig:

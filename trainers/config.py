@@ -23,6 +23,11 @@ class ModelConfig:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt(
         "sdpa", "Attention kernel passed to transformers.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    reference: Literal["auto", "frozen_copy", "adapter_disabled"] = opt(
+        "auto", "Reference model of DPO and of the RL methods' KL: frozen_copy = a frozen copy of the start "
+                "model (sharded across the workers under cluster.strategy zero3); adapter_disabled = the "
+                "trained model's base with the PEFT adapter switched off (no second copy; needs peft.method); "
+                "auto = adapter_disabled with a PEFT method, else frozen_copy.")
 
     def validate(self, section: str) -> None:
         if not self.path:
@@ -229,9 +234,6 @@ class DPOConfig:
                    "length-normalised log-probs; hinge: SLiC-style hinge.")
     beta: float = opt(0.1, "Strength of the pull towards the reference: higher keeps the policy closer.")
     label_smoothing: float = opt(0.0, "sigmoid only: assumed probability that a preference label is flipped.")
-    reference: Literal["auto", "copy", "adapter_disabled"] = opt(
-        "auto", "Reference model: a frozen copy of the start model, or (with a PEFT method) the same "
-                "base with the adapter disabled, which needs no second copy; auto picks the latter with PEFT.")
     precompute_ref: bool = opt(True, "Compute each pair's reference log-probs once and reuse them every epoch.")
 
     def validate(self, section: str) -> None:

@@ -1,7 +1,6 @@
 """Direct preference optimisation (`method: dpo`) and its variants (conservative DPO via
 label smoothing, IPO, hinge): the policy's response log-probs against a reference's, on
-preference pairs. The reference is the same base with the adapter disabled when a PEFT
-method is set (no second copy in memory), otherwise a frozen copy of the start model.
+preference pairs. The reference is `trainers.reference.Reference` (`model.reference`).
 Reference log-probs are computed once per pair and cached (`dpo.precompute_ref`)."""
 
 from __future__ import annotations
@@ -10,8 +9,9 @@ import torch
 
 from trainers.losses import dpo_loss, sequence_logps
 from trainers.method import Method
+from trainers.reference import Reference
 from trainers.reward import RewardMethod, pair_batch
-from trainers.strategy import unwrap
+from trainers.strategy import all_reduce_sum, unwrap
 
 
 class DPOMethod(Method):
@@ -22,18 +22,12 @@ class DPOMethod(Method):
         super().__init__(job, tokenizer, use_gpu)
         cfg = job.dpo
         self.cfg = cfg
-        self.adapter_reference = cfg.reference == "adapter_disabled" or (
-            cfg.reference == "auto" and job.peft.method != "none")
-        self.reference = None  # the frozen copy, when there is one
+        self.reference: Reference | None = None
         self._cache: dict[int, torch.Tensor] = {}  # pair index -> (chosen, rejected) log-probs
 
     def build_model(self) -> torch.nn.Module:
         policy = super().build_model()
-        if not self.adapter_reference:
-            from trainers.setup import load_base_model
-
-            self.reference = load_base_model(self.job.model, self.job.peft, self.use_gpu)
-            self.reference.requires_grad_(False).eval()
+        self.reference = Reference(self.job, self.use_gpu)
         return policy
 
     def collate(self, examples: list) -> dict[str, torch.Tensor]:
@@ -44,25 +38,25 @@ class DPOMethod(Method):
 
     def _logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         out = model(**self.model_inputs(batch), use_cache=False)
-        logits = out.logits[:, -batch["labels"].shape[1]:]
-        return sequence_logps(logits, batch["labels"])
+        return self._sequence_logps(out.logits, batch)
+
+    @staticmethod
+    def _sequence_logps(logits, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        # Prompt tuning puts logits of its virtual tokens in front: the last are the input's.
+        return sequence_logps(logits[:, -batch["labels"].shape[1]:], batch["labels"])
 
     @torch.no_grad()
     def reference_logps(self, model, batch) -> torch.Tensor:
         """Reference summed log-probs of both sides, (2B,), from the cache when possible."""
         keys = batch["index"].tolist()
-        if self.cfg.precompute_ref and all(k in self._cache for k in keys):
+        cached = self.cfg.precompute_ref and all(k in self._cache for k in keys)
+        if self.reference.sharded:  # its forward is a collective: every worker runs it, or none
+            cached = all_reduce_sum([float(not cached)], batch["input_ids"].device)[0] == 0
+        if cached:
             cached = torch.stack([self._cache[k] for k in keys])
             return torch.cat([cached[:, 0], cached[:, 1]]).to(batch["input_ids"].device)
-        if self.reference is not None:
-            logps, _ = self._logps(self.reference.to(batch["input_ids"].device), batch)
-        else:
-            module = unwrap(model)
-            was_training = module.training
-            module.eval()  # the reference sees no dropout, like the frozen copy
-            with module.disable_adapter():
-                logps, _ = self._logps(module, batch)
-            module.train(was_training)
+        logits = self.reference.logits(unwrap(model), **self.model_inputs(batch))
+        logps, _ = self._sequence_logps(logits, batch)
         if self.cfg.precompute_ref:
             for k, pair in zip(keys, torch.stack(logps.chunk(2), dim=1).cpu()):
                 self._cache[k] = pair

@@ -82,3 +82,28 @@ class ZeroStrategy:
         if self.stage == 3:
             return self.engine._zero3_consolidated_16bit_state_dict()
         return None
+
+
+def zero3_inference(model: torch.nn.Module, offload_params: bool) -> torch.nn.Module:
+    """`model` (frozen, forward only) partitioned across the workers like a ZeRO-3 policy:
+    each worker keeps only its shard of every parameter and a forward pass gathers each
+    layer's weights as it runs, so every worker must call it the same number of times.
+    A DeepSpeed engine with no optimizer, as TRL's `prepare_deepspeed` and OpenRLHF's eval
+    config build their reference models. Returns the engine (call it like the model)."""
+    import deepspeed
+
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    zero: dict = {"stage": 3}
+    if hidden:
+        # TRL's sizes: parameters below 10 x hidden (norms, biases) stay whole on every
+        # worker; everything larger is sharded.
+        zero |= {"stage3_param_persistence_threshold": 10 * hidden,
+                 "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden)}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero,
+              "bf16": {"enabled": next(model.parameters()).dtype == torch.bfloat16},
+              "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+    engine.eval()
+    return engine

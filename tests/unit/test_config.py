@@ -92,7 +92,8 @@ def test_invalid_combinations_name_a_key(overrides, key):
     (["method=grpo"], "rewards.rewards"),
     (["method=grpo", "rewards.rewards=[{fn: exact_match}]", "peft.method=dora"], "peft.method"),
     (["method=distill"], "distill.teacher"),
-    (["method=ppo", "rewards.rewards=[{fn: exact_match}]", "algo.reference=adapter_disabled"], "algo.reference"),
+    (["method=ppo", "rewards.rewards=[{fn: exact_match}]", "model.reference=adapter_disabled"], "model.reference"),
+    (["method=ppo", "rewards.rewards=[{fn: exact_match}]", "algo.reference=frozen_copy"], "algo.reference"),
     (["method=grpo", "rewards.rewards=[{fn: exact_match}]", "algo.temperature=0"], "algo.temperature"),
 ])
 def test_rl_settings_that_cannot_work_name_their_key(overrides, key):
@@ -133,3 +134,9 @@ def test_the_config_core_and_the_tune_section_import_no_section():
             "'rollout.rewards', 'trainers.rl.config')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("old", ["dpo.reference", "algo.reference"])
+def test_the_old_reference_keys_say_where_the_setting_moved(old):
+    with pytest.raises(ConfigError, match=f"'{old}': has moved to model.reference"):
+        load_config(None, BASE + [f"{old}=adapter_disabled"], default_name="x")

@@ -28,7 +28,8 @@ class AlgoConfig:
     aggregation: Literal["token", "sequence"] = opt(
         "token", "Loss aggregation: token = mean over every response token of the mini-batch; sequence = mean "
                  "per response, then over responses (each response weighs the same).")
-    kl_coef: float = opt(0.0, "Weight of the KL to the reference model; 0 = no reference model at all.")
+    kl_coef: float = opt(0.0, "Weight of the KL to the reference model (model.reference); 0 = no reference "
+                              "model at all.")
     kl_estimator: Literal["k1", "k2", "k3"] = opt(
         "k1", "KL estimator per token: k1 log-ratio, k2 half squared log-ratio, k3 the low-variance unbiased one.")
     kl_in: Literal["reward", "loss"] = opt(
@@ -36,9 +37,6 @@ class AlgoConfig:
                   "loss: add kl_coef * KL to the loss (GRPO's way).")
     kl_target: float = opt(0.0, "Adaptive KL: steer the coefficient so the KL stays near this (0 = fixed coefficient).")
     kl_horizon: int = opt(10000, "Adaptive KL: responses over which the coefficient adapts.")
-    reference: Literal["auto", "copy", "adapter_disabled"] = opt(
-        "auto", "Reference model: a frozen copy of the start model, or (with LoRA) the base with the adapter "
-                "disabled; auto picks the latter with a PEFT method.")
     gamma: float = opt(1.0, "PPO: discount of the GAE returns.")
     lam: float = opt(0.95, "PPO: GAE lambda.")
     vf_coef: float = opt(0.5, "PPO: weight of the value loss.")

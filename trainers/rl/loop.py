@@ -24,10 +24,11 @@ from trainers.loop import Progress, Worker, log_peak_memory, report_checkpoint, 
 from trainers.metrics import MetricsLog
 from trainers.rl.collect import Collector
 from trainers.rl.experience import Experience, at_response, token_logp
-from trainers.rl.model import Reference, build_rl_model, engine_weights, policy_state
+from trainers.reference import Reference
+from trainers.rl.model import build_rl_model, engine_weights, policy_state
 from trainers.rl.objectives import AdaptiveKL, build_objective
 from trainers.setup import describe_trainable
-from trainers.strategy import all_reduce_sum, build_strategy
+from trainers.strategy import all_reduce_sum, build_strategy, unwrap
 
 
 @dataclass
@@ -148,7 +149,8 @@ class RLLoop:
                 if v is not None:
                     values.append(at_response(v, mb))
             if self.reference is not None:
-                ref_logits = self.reference.logits(model, mb.input_ids, mb.attention_mask, mb.position_ids)
+                ref_logits = self.reference.logits(unwrap(model).policy, input_ids=mb.input_ids,
+                                                   attention_mask=mb.attention_mask, position_ids=mb.position_ids)
                 ref.append(token_logp(at_response(ref_logits, mb), mb.response_ids, self.algo.temperature))
         exp.ref_logp = torch.cat(ref) if ref else None
         if self.single_pass:

@@ -1,6 +1,5 @@
 """The trained model of an RL run and what surrounds it: `RLModel` (the policy, plus a
-value head on its last hidden state for PPO's critic), the `Reference` (a frozen copy
-of the start model, or the LoRA base with the adapter disabled), and `engine_weights`,
+value head on its last hidden state for PPO's critic), and `engine_weights`,
 the policy's weights as the rollout engines load them (LoRA merged into the base)."""
 
 from __future__ import annotations
@@ -8,7 +7,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainers.strategy import unwrap
 
 POLICY_PREFIX = "policy."
 
@@ -47,33 +45,6 @@ def build_rl_model(job, use_gpu: bool, with_value_head: bool) -> RLModel:
 
     policy = apply_peft_and_freezing(load_base_model(job.model, job.peft, use_gpu), job)
     return RLModel(policy, with_value_head)
-
-
-class Reference:
-    """Log-probs of the start model: a frozen copy, or (with LoRA) the trained model's own
-    base with the adapter switched off, which needs no second copy in memory."""
-
-    def __init__(self, job, use_gpu: bool, device):
-        choice = job.algo.reference
-        self.adapter_disabled = choice == "adapter_disabled" or (choice == "auto" and job.peft.method != "none")
-        self.copy = None
-        if not self.adapter_disabled:
-            from trainers.setup import load_base_model
-
-            self.copy = load_base_model(job.model, job.peft, use_gpu).to(device).requires_grad_(False).eval()
-
-    @torch.no_grad()
-    def logits(self, model, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        if self.copy is not None:
-            return self.copy(**kwargs).logits
-        policy = unwrap(model).policy
-        was_training = policy.training
-        policy.eval()
-        with policy.disable_adapter():
-            logits = policy(**kwargs).logits
-        policy.train(was_training)
-        return logits
 
 
 def policy_state(state: dict) -> dict:
