@@ -10,7 +10,7 @@ import os
 import sys
 import textwrap
 
-from trainers.errors import UserError
+from trainers.errors import UserError, WorkerError
 
 DESCRIPTION = "rayft: fine-tune and align language models on Ray."
 EPILOG = textwrap.dedent("""\
@@ -257,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, RewardError) as exc:
         print(f"rayft: error: {exc}", file=sys.stderr)
         return 2
+    except WorkerError as exc:
+        print(f"rayft: error: {exc}\nrayft: the full traceback of every failed worker: {exc.traceback_file}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("rayft: interrupted", file=sys.stderr)
         return 130

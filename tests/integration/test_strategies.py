@@ -37,3 +37,61 @@ def test_zero_full_finetune(stage, extra, ray_cluster, tiny_model_dir, addition_
         assert torch.allclose(final(probe).logits, reference(probe).logits, atol=1e-5)
         base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
         assert not torch.allclose(final(probe).logits, base(probe).logits, atol=1e-3)
+
+
+def _zero3_reference_worker(config: dict) -> None:
+    """A DPO worker's set-up under ZeRO-3 (policy and frozen reference), then the shard
+    each worker holds and its reference log-probs against plain transformers."""
+    import json
+    from pathlib import Path
+
+    import ray.train
+    from transformers import AutoModelForCausalLM
+
+    from trainers.data import build_datasets
+    from trainers.dpo import DPOMethod
+    from trainers.models import load_tokenizer
+    from trainers.reward import encode_preference_sets
+    from trainers.strategy import build_strategy
+
+    job, rank = config["job"], ray.train.get_context().get_world_rank()
+    tokenizer = load_tokenizer(job.model.path)
+    datasets = build_datasets(job.data, tokenizer, purpose="preference")
+    encode_preference_sets(datasets, tokenizer, job.data, "pairwise")
+    method = DPOMethod(job, tokenizer, use_gpu=False)
+    strategy = build_strategy("zero3", method.build_model(), job.train, 1, 2)
+    params = list(method.reference.copy.module.parameters())
+    batch = method.collate(datasets.train[rank * 4:rank * 4 + 4])
+    ours = method.reference_logps(strategy.model, batch)
+    plain = AutoModelForCausalLM.from_pretrained(job.model.path)
+    with torch.no_grad():
+        expected, _ = method._sequence_logps(plain(**method.model_inputs(batch)).logits, batch)
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps({
+        "local": sum(p.ds_tensor.numel() for p in params), "total": sum(p.ds_numel for p in params),
+        "max_diff": float((ours - expected).abs().max()), "pairs": len(batch["index"])}))
+
+
+def test_zero3_shards_the_frozen_reference_and_keeps_its_log_probs(ray_cluster, tiny_base_dir, tmp_path):
+    """Under zero3 each of 2 workers holds about half of the frozen reference, and DPO's
+    reference log-probs equal plain transformers' on the start model."""
+    import json
+    import sys
+
+    from ray import cloudpickle
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from trainers.data import write_synth
+
+    data = write_synth("addition_pref", 32, tmp_path / "pairs.jsonl", seed=3)
+    job = load_config(None, [f"model.path={tiny_base_dir}", f"data.train=[{data}]", "data.max_length=48",
+                             "method=dpo", "cluster.strategy=zero3", "model.reference=frozen_copy",
+                             f"output_dir={tmp_path}", "name=ref", "train.batch_size=4"])
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import a test module
+    TorchTrainer(_zero3_reference_worker, train_loop_config={"job": job, "out": str(tmp_path)},
+                 scaling_config=ScalingConfig(num_workers=2, use_gpu=False)).fit()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank in ranks:
+        assert rank["pairs"] == 4
+        assert 0.4 < rank["local"] / rank["total"] < 0.6, rank  # about half, not the whole copy
+        assert rank["max_diff"] < 1e-4, rank
