@@ -1,6 +1,7 @@
 """`rayft train`: the driver side of a training run. Prepares the run directory and data
 (so bad input fails here, before any worker starts), launches the method's Ray Train
-loop, follows its progress, then writes summary.json and report.html."""
+loop (as `trainers.methods` names it), follows its progress, then writes summary.json and
+report.html. A worker's failure is raised as what the worker raised (`_fit`)."""
 
 from __future__ import annotations
 

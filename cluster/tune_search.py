@@ -39,7 +39,7 @@ from ray import tune
 
 from cluster.progress import MetricsFollower
 from cluster.tune_config import Distribution, trial_config
-from trainers.errors import UserError
+from trainers.errors import UserError, WorkerError
 
 # The trial's own actor only waits on fit(); the Train workers reserve the real CPUs.
 TRIAL_CPUS = 0.01
@@ -216,9 +216,9 @@ def describe_error(exc: BaseException) -> str:
         exc = cause
     if isinstance(exc, UserError):
         return str(exc)
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    name, text = (exc.type_name, exc.message) if isinstance(exc, WorkerError) else (type(exc).__name__, str(exc))
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     message = lines[-1] if lines else ""
-    name = type(exc).__name__
     return message if message.startswith(name) else f"{name}: {message}".rstrip(": ")
 
 

@@ -277,6 +277,9 @@ def test_errors_read_as_one_line():
     assert describe_error(UserError("config key 'x': bad")) == "config key 'x': bad"
     assert describe_error(ValueError("first line\nTraceback ...\nthe end")) == "ValueError: the end"
     assert describe_error(RuntimeError()) == "RuntimeError"
+    from trainers.errors import WorkerError
+
+    assert describe_error(WorkerError(1, "KeyError", "'gelu_x'", "error.txt")) == "KeyError: 'gelu_x'"
 
 
 def test_trial_names_follow_the_sampling_order():
