@@ -3,6 +3,7 @@ worker raised, its type and complete message (not Ray's cut-off WorkerGroupError
 snippet), with every failed worker's full traceback in the run directory."""
 
 import json
+import re
 import shutil
 
 from cluster.cli import main
@@ -21,11 +22,14 @@ def test_a_worker_error_reaches_the_cli_whole(ray_cluster, tiny_model_dir, addit
                  "name=fails", "cluster.num_workers=2", "cluster.max_failures=0", "train.max_steps=2"])
     err = capsys.readouterr().err
     assert code == 1, err
-    assert "raised KeyError: " in err and activation in err, err  # the type and the whole message
-    assert "Output truncated" not in err and "WorkerGroupError" not in err
     traceback_file = tmp_path / "fails" / "error.txt"
-    assert f"full traceback of every failed worker: {traceback_file}" in err
+    # rayft's own lines (Ray's log lines may interleave when worker logs are shown).
+    ours = [line for line in err.splitlines() if line.startswith("rayft: ")]
+    assert len(ours) == 2, err
+    assert re.fullmatch(rf"rayft: error: worker \d raised KeyError: '{activation}'", ours[0]), ours[0]
+    assert ours[1] == f"rayft: the full traceback of every failed worker: {traceback_file}"
     text = traceback_file.read_text()
-    assert "=== worker 0: KeyError" in text and "=== worker 1: KeyError" in text
-    assert text.count("Traceback (most recent call last)") == 2
-    assert "activations.py" in text and text.count(activation) >= 2  # the frames down to where it raised
+    failed = text.count("=== worker ")
+    assert failed >= 1 and text.count("=== worker ") == text.count(": KeyError\n") == failed, text
+    assert text.count("Traceback (most recent call last)") == failed
+    assert "activations.py" in text and activation in text  # the frames down to where it raised
