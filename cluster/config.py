@@ -66,7 +66,7 @@ class JobConfig:
     freeze: FreezeConfig = opt(FreezeConfig, "Partial fine-tuning: which layers or modules train.")
     train: TrainConfig = opt(TrainConfig, "Optimisation and schedule.")
     rm: RewardConfig = opt(RewardConfig, "Reward-model objective (method rm).")
-    dpo: DPOConfig = opt(DPOConfig, "DPO loss and reference model (method dpo).")
+    dpo: DPOConfig = opt(DPOConfig, "DPO loss (method dpo; its reference model is model.reference).")
     algo: AlgoConfig = opt(AlgoConfig, "RL rollout batch and objective (methods ppo, grpo; distill on_policy).")
     distill: DistillConfig = opt(DistillConfig, "Teacher and divergence (method distill).")
     rollout: RolloutConfig = opt(RolloutConfig, "Rollout engine pool (methods ppo, grpo; distill on_policy).")

@@ -23,8 +23,8 @@ def test_a_worker_error_reaches_the_cli_whole(ray_cluster, tiny_model_dir, addit
     err = capsys.readouterr().err
     assert code == 1, err
     traceback_file = tmp_path / "fails" / "error.txt"
-    # rayft's own lines (Ray's log lines may interleave when worker logs are shown).
-    ours = [line for line in err.splitlines() if line.startswith("rayft: ")]
+    # rayft's own lines (after the progress bar's; Ray's log lines interleave when shown).
+    ours = [line[line.index("rayft: "):] for line in err.splitlines() if "rayft: " in line]
     assert len(ours) == 2, err
     assert re.fullmatch(rf"rayft: error: worker \d raised KeyError: '{activation}'", ours[0]), ours[0]
     assert ours[1] == f"rayft: the full traceback of every failed worker: {traceback_file}"
