@@ -89,6 +89,10 @@ class PoolOwner:
     def engine_handles(self) -> list:
         return self.engines.handles() if self.engines else []
 
+    def generations(self) -> list[int]:
+        """How many times each slot's engine was replaced."""
+        return [generation for _, generation in self.engines.slots] if self.engines else []
+
     def shutdown(self) -> None:
         if self.engines is not None:
             self.engines.stop()
