@@ -35,7 +35,8 @@ def rollout_services(config, use_gpu: bool, echo=print):
         started.append(pool.shutdown)
         services = Services(pool)
         if config.method in REWARD_METHODS:
-            services.rewards = RewardService(config.rewards, max_retries=config.rollout.max_retries)
+            services.rewards = RewardService(config.rewards, max_retries=config.rollout.max_retries,
+                                             start_timeout_s=config.rollout.timeout_s)
             started.append(services.rewards.stop)
         if config.method == "distill":
             from rollout.teacher import TeacherService

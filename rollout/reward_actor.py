@@ -21,6 +21,7 @@ its share of the batch is re-issued, a bounded number of times.
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Sequence
 
@@ -57,6 +58,10 @@ class RewardActor:
 
     def score(self, batch: Sequence, start: int = 0) -> list[RewardResult]:
         return self._ready().score(batch, start)
+
+    def pid(self) -> int:
+        """This actor's process id (fault-injection tests kill exactly this process)."""
+        return os.getpid()
 
 
 def new_reward_actor(spec: RewardSpec):
@@ -101,14 +106,14 @@ class RewardService:
     """`spec.num_actors` reward actors behind one owner actor that restarts a dead one;
     `score` re-issues a lost actor's share, up to `max_retries` times, then raises a
     `RewardError` naming the actor. A hung rule is still a `RewardError` after
-    `spec.timeout_s`, not a restart."""
+    `spec.timeout_s`, not a restart; an actor's (re)start may take `start_timeout_s`."""
 
-    def __init__(self, spec: RewardSpec, max_retries: int = 2):
+    def __init__(self, spec: RewardSpec, max_retries: int = 2, start_timeout_s: float = 600.0):
         spec = spec.with_absolute_paths()
         spec.validate()
         self.timeout_s = spec.timeout_s
         self.actors = OwnedActors(partial(new_reward_actor, spec), spec.num_actors, "reward actor", RewardError,
-                                  spec.timeout_s, max_retries)
+                                  spec.timeout_s, max_retries, start_timeout_s)
 
     def score(self, batch: Sequence) -> list[RewardResult]:
         parts = self.actors.call(split_evenly(len(batch), self.actors.count),

@@ -21,6 +21,7 @@ re-issued, a bounded number of times, then `TeacherError` says why.
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from pathlib import Path
 
@@ -63,6 +64,10 @@ class TeacherActor:
         if self.error is not None:
             raise self.error
         return self.model
+
+    def pid(self) -> int:
+        """This actor's process id (fault-injection tests kill exactly this process)."""
+        return os.getpid()
 
     def ready(self) -> int:
         """The teacher's vocabulary size (the width of every row `logprobs` returns)."""
@@ -141,7 +146,7 @@ class TeacherService:
     def __init__(self, model_dir: str, cpus: float, dtype: str = "auto", trust_remote_code: bool = False,
                  use_gpu: bool = False, timeout_s: float = 600.0, max_retries: int = 2):
         make = partial(new_teacher, str(model_dir), cpus, dtype, trust_remote_code, use_gpu)
-        self.actor = OwnedActors(make, 1, "teacher", TeacherError, timeout_s, max_retries)
+        self.actor = OwnedActors(make, 1, "teacher", TeacherError, timeout_s, max_retries, start_timeout_s=timeout_s)
 
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
                  temperature: float = 1.0) -> list[np.ndarray]:

@@ -23,7 +23,7 @@ QUESTIONS = [f"What is {a} + {b}?" for a, b in zip(range(10, 34), range(40, 64))
 @pytest.fixture(scope="module")
 def pool(ray_cluster, tiny_base_dir):
     pool = RolloutPool(str(tiny_base_dir), RolloutConfig(engine="vllm", num_engines=2, max_model_len=256,
-                                                         kv_cache_gb=0.5, timeout_s=300))
+                                                         kv_cache_gb=0.5))
     yield pool
     pool.shutdown()
 
