@@ -38,7 +38,12 @@ class PoolOwner:
 
     def start(self) -> str:
         """Start every engine; returns the engine kind once all are ready."""
-        ray.get(self.group.ready(), timeout=self.cfg.timeout_s)
+        try:
+            ray.get(self.group.ready(), timeout=self.cfg.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RolloutError(f"no room for {self.cfg.num_engines} engine(s) of {self.cfg.cpus_per_engine} CPU(s) "
+                               f"each within {self.cfg.timeout_s} s (rollout.num_engines, rollout.cpus_per_engine)"
+                               ) from None
         self.engines = Slots(self._start_engine, self.cfg.num_engines, "engine", RolloutError, self.cfg.timeout_s,
                              self.cfg.max_retries, bring_up=self._bring_up)
         return self.kind
