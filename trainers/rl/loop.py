@@ -229,7 +229,9 @@ class RLLoop:
         maxima = sorted(k for k in metrics if k.endswith("_max"))
         totals = all_reduce_sum([float(metrics[k]) for k in means], self.worker.device)
         out = {k: v / self.worker.world_size for k, v in zip(means, totals)}
-        return out | dict(zip(maxima, all_reduce_max([float(metrics[k]) for k in maxima], self.worker.device)))
+        if maxima:
+            out |= dict(zip(maxima, all_reduce_max([float(metrics[k]) for k in maxima], self.worker.device)))
+        return out
 
     def evaluate(self) -> dict:
         """Greedy responses to held-out prompts: mean reward (or divergence from the teacher)."""
