@@ -22,9 +22,10 @@ def actor_cpus(config) -> float:
 @contextmanager
 def rollout_services(config, use_gpu: bool, echo=print):
     """The pool (serving the start model), reward actors and teacher of `config`, stopped
-    on exit whatever happens."""
+    on exit whatever happens. Each is one owner actor started here: the workers get handles
+    to it (a restarted worker group the same ones), never a copy of its state."""
     from rollout.pool import RolloutPool
-    from rollout.reward_actor import start_reward_actors, stop_reward_actors
+    from rollout.reward_actor import RewardService
 
     started = []
     try:
@@ -33,16 +34,18 @@ def rollout_services(config, use_gpu: bool, echo=print):
         started.append(pool.shutdown)
         services = Services(pool)
         if config.spec.rewards:
-            services.reward_actors = start_reward_actors(config.rewards)
-            services.reward_timeout_s = config.rewards.timeout_s
-            started.append(lambda: stop_reward_actors(services.reward_actors))
+            services.rewards = RewardService(config.rewards, max_retries=config.rollout.max_retries,
+                                             start_timeout_s=config.rollout.timeout_s)
+            started.append(services.rewards.stop)
         if config.spec.teacher:
-            from rollout.teacher import start_teacher, stop_teacher
+            from rollout.teacher import TeacherService
 
             d = config.distill
-            services.teacher = start_teacher(d.teacher, d.cpus_per_teacher, dtype=d.teacher_dtype,
-                                             trust_remote_code=config.model.trust_remote_code, use_gpu=use_gpu)
-            started.append(lambda: stop_teacher(services.teacher))
+            services.teacher = TeacherService(d.teacher, d.cpus_per_teacher, dtype=d.teacher_dtype,
+                                              trust_remote_code=d.teacher_trust_remote_code, use_gpu=use_gpu,
+                                              timeout_s=config.rollout.timeout_s,
+                                              max_retries=config.rollout.max_retries)
+            started.append(services.teacher.stop)
         yield services
     finally:
         for stop in reversed(started):

@@ -31,7 +31,11 @@ class RolloutConfig:
     gpu_memory_utilization: float = opt(0.5, "Share of GPU memory an engine may take (GPU only).")
     enable_lora: bool = opt(False, "Serve LoRA adapters (needed to sync a LoRA policy without merging).")
     max_lora_rank: int = opt(16, "Largest LoRA rank the engines accept.")
-    max_retries: int = opt(2, "Times a failed engine's share of a batch is re-issued on a restarted engine.")
+    max_retries: int = opt(2, "Times a lost engine's (or reward / teacher actor's) share of a batch is re-issued on "
+                              "a replacement, and times a replacement is started, before the call fails.")
+    timeout_s: float = opt(600.0, "Longest wait for one engine or teacher call (a batch share, a weight load, a "
+                                  "start); a hung engine is replaced like a dead one.")
     sync_bucket_mb: int = opt(32, "Size bound of each weight-sync message, MiB (whole decoder layers stay together).")
-    verify_sync: bool = opt(False, "After each sync, report the max |log-prob| difference engine vs trainer on a probe batch.")
+    verify_sync: bool = opt(False, "After each sync, the engines score a few of the step's responses and the max |log-prob| "
+                                        "gap to the trainer's updated weights is logged (sync_gap_max).")
     seed: int = opt(0, "Engine seed.")

@@ -4,6 +4,7 @@ to the same state."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import ray
@@ -38,13 +39,17 @@ def build_engine(kind: str, model_dir: str, cfg: RolloutConfig, adapter_dir: str
 
 
 class EngineActor:
-    """Ray actor body; `RolloutPool` creates these with `ray.remote(...)`."""
+    """Ray actor body; the pool's owner (`rollout.pool_owner`) creates these with `ray.remote(...)`."""
 
     def __init__(self, kind: str, model_dir: str, cfg: RolloutConfig, adapter_dir: str | None = None):
         self.engine = build_engine(kind, model_dir, cfg, adapter_dir)
 
     def ready(self) -> bool:
         return True
+
+    def pid(self) -> int:
+        """This actor's process id (fault-injection tests kill exactly this process)."""
+        return os.getpid()
 
     def generate(self, prompts: list[PromptInput], sampling: Sampling) -> list[list[Generation]]:
         return self.engine.generate(prompts, sampling)

@@ -9,15 +9,27 @@ A reward that fails raises `RewardError` naming the reward and the sample; throu
 the original message in its text. An actor whose rewards failed to load stays alive and
 raises that load error from every call, so it is reported as a `RewardError` as well,
 not as a dead actor.
+
+A training run holds its reward actors through `RewardService` instead (started by the
+driver, pickled into every worker): one owner actor restarts a reward actor that died and
+its share of the batch is re-issued, a bounded number of times.
+
+    rewards = RewardService(spec, max_retries=2)
+    results = rewards.score(items)                 # the same results as score_batch
+    rewards.stop()
 """
 
 from __future__ import annotations
 
+import os
+from functools import partial
 from typing import Sequence
 
 import ray
 
+from rollout.actor_owner import OwnedActors
 from rollout.rewards import RewardError, RewardResult, Rewards, RewardSpec
+from rollout.slots import split_evenly
 
 
 class RewardActor:
@@ -47,13 +59,21 @@ class RewardActor:
     def score(self, batch: Sequence, start: int = 0) -> list[RewardResult]:
         return self._ready().score(batch, start)
 
+    def pid(self) -> int:
+        """This actor's process id (fault-injection tests kill exactly this process)."""
+        return os.getpid()
+
+
+def new_reward_actor(spec: RewardSpec):
+    """One reward actor (not waited on)."""
+    return ray.remote(RewardActor).options(num_cpus=spec.cpus_per_actor, num_gpus=spec.gpus_per_actor).remote(spec)
+
 
 def start_reward_actors(spec: RewardSpec) -> list:
     """`spec.num_actors` reward actors, each with every reward loaded."""
     spec = spec.with_absolute_paths()
     spec.validate()
-    remote = ray.remote(RewardActor).options(num_cpus=spec.cpus_per_actor, num_gpus=spec.gpus_per_actor)
-    actors = [remote.remote(spec) for _ in range(spec.num_actors)]
+    actors = [new_reward_actor(spec) for _ in range(spec.num_actors)]
     try:
         ray.get([a.ready.remote() for a in actors], timeout=spec.timeout_s)
     except BaseException:
@@ -80,3 +100,25 @@ def score_batch(actors: list, batch: Sequence, timeout_s: float | None = None) -
 def stop_reward_actors(actors: list) -> None:
     for actor in actors:
         ray.kill(actor)
+
+
+class RewardService:
+    """`spec.num_actors` reward actors behind one owner actor that restarts a dead one;
+    `score` re-issues a lost actor's share, up to `max_retries` times, then raises a
+    `RewardError` naming the actor. A hung rule is still a `RewardError` after
+    `spec.timeout_s`, not a restart; an actor's (re)start may take `start_timeout_s`."""
+
+    def __init__(self, spec: RewardSpec, max_retries: int = 2, start_timeout_s: float = 600.0):
+        spec = spec.with_absolute_paths()
+        spec.validate()
+        self.timeout_s = spec.timeout_s
+        self.actors = OwnedActors(partial(new_reward_actor, spec), spec.num_actors, "reward actor", RewardError,
+                                  spec.timeout_s, max_retries, start_timeout_s)
+
+    def score(self, batch: Sequence) -> list[RewardResult]:
+        parts = self.actors.call(split_evenly(len(batch), self.actors.count),
+                                 lambda actor, s: actor.score.remote([batch[k] for k in s], s.start))
+        return [result for part in parts for result in part]
+
+    def stop(self) -> None:
+        self.actors.stop()

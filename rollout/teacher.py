@@ -9,15 +9,26 @@ process that scores sampled responses with its full next-token distribution.
 log_softmax(logits / temperature) at the positions that predict each response token
 (position len(prompt) - 1 + j predicts response token j). A teacher that fails to load
 stays alive and raises that load error from every call, as the reward actor does.
+
+A training run holds its teacher through `TeacherService` (started by the driver, pickled
+into every worker): an owner actor restarts a teacher that died and the request is
+re-issued, a bounded number of times, then `TeacherError` says why.
+
+    teacher = TeacherService(model_dir, cpus=1, timeout_s=600, max_retries=2)
+    rows = teacher.logprobs(prompt_ids, response_ids)
+    teacher.stop()
 """
 
 from __future__ import annotations
 
+import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import ray
 
+from rollout.actor_owner import OwnedActors
 from rollout.inputs import check_safetensors
 
 MAX_BATCH_TOKENS = 8192  # padded tokens per forward pass: bounds the (rows, width, vocab) logits
@@ -53,6 +64,10 @@ class TeacherActor:
         if self.error is not None:
             raise self.error
         return self.model
+
+    def pid(self) -> int:
+        """This actor's process id (fault-injection tests kill exactly this process)."""
+        return os.getpid()
 
     def ready(self) -> int:
         """The teacher's vocabulary size (the width of every row `logprobs` returns)."""
@@ -97,11 +112,21 @@ class TeacherActor:
         return batches + [current] if current else batches
 
 
+class TeacherError(RuntimeError):
+    """The teacher actor was lost and could not be replaced within the retry budget."""
+
+
+def new_teacher(model_dir: str, cpus: float, dtype: str = "auto", trust_remote_code: bool = False,
+                use_gpu: bool = False):
+    """A `TeacherActor` handle (not waited on)."""
+    remote = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0)(TeacherActor)
+    return remote.remote(str(Path(model_dir).expanduser().resolve()), dtype, trust_remote_code)
+
+
 def start_teacher(model_dir: str, cpus: float, dtype: str = "auto", trust_remote_code: bool = False,
                   use_gpu: bool = False, timeout_s: float | None = None):
     """A `TeacherActor` on `cpus` CPUs (and one GPU with use_gpu), returned once loaded."""
-    remote = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0)(TeacherActor)
-    actor = remote.remote(str(Path(model_dir).expanduser().resolve()), dtype, trust_remote_code)
+    actor = new_teacher(model_dir, cpus, dtype, trust_remote_code, use_gpu)
     try:
         ray.get(actor.ready.remote(), timeout=timeout_s)
     except BaseException:
@@ -112,3 +137,23 @@ def start_teacher(model_dir: str, cpus: float, dtype: str = "auto", trust_remote
 
 def stop_teacher(actor) -> None:
     ray.kill(actor)
+
+
+class TeacherService:
+    """One teacher actor behind an owner actor that restarts it when it dies; `logprobs`
+    re-issues the request on the restarted teacher (up to `max_retries` times)."""
+
+    def __init__(self, model_dir: str, cpus: float, dtype: str = "auto", trust_remote_code: bool = False,
+                 use_gpu: bool = False, timeout_s: float = 600.0, max_retries: int = 2):
+        make = partial(new_teacher, str(model_dir), cpus, dtype, trust_remote_code, use_gpu)
+        self.actor = OwnedActors(make, 1, "teacher", TeacherError, timeout_s, max_retries, start_timeout_s=timeout_s)
+
+    def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
+                 temperature: float = 1.0) -> list[np.ndarray]:
+        """`TeacherActor.logprobs` on the teacher, whichever actor serves it now."""
+        (rows,) = self.actor.call([range(len(prompt_ids))],
+                                  lambda teacher, _: teacher.logprobs.remote(prompt_ids, response_ids, temperature))
+        return rows
+
+    def stop(self) -> None:
+        self.actor.stop()

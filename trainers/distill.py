@@ -37,7 +37,7 @@ class DistillMethod(Method):
 
         student = super().build_model()
         self.teacher = load_causal_lm(self.cfg.teacher, resolve_dtype(self.cfg.teacher_dtype, self.use_gpu),
-                                      self.job.model.trust_remote_code, self.job.model.attn_implementation)
+                                      self.cfg.teacher_trust_remote_code, self.job.model.attn_implementation)
         self.teacher.requires_grad_(False).eval()
         return student
 
@@ -97,7 +97,7 @@ def check_teacher(job, tokenizer) -> None:
     from transformers import AutoConfig
 
     key, path = "distill.teacher", Path(job.distill.teacher)
-    remote_code = job.model.trust_remote_code
+    remote_code = job.distill.teacher_trust_remote_code
     if not path.is_dir():
         raise ConfigError(key, f"{path}: model directory not found")
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
@@ -114,7 +114,7 @@ def check_teacher(job, tokenizer) -> None:
     if not _is_causal_lm(config):
         raise ConfigError(key, f"{path} is not a causal LM (architectures: {config.architectures}); "
                                "the teacher must predict next tokens like the student")
-    student = AutoConfig.from_pretrained(str(job.model.path), trust_remote_code=remote_code)
+    student = AutoConfig.from_pretrained(str(job.model.path), trust_remote_code=job.model.trust_remote_code)
     teacher_vocab, student_vocab = _vocab_size(config), _vocab_size(student)
     if teacher_vocab != student_vocab:
         raise ConfigError(key, f"{path} has a vocabulary of {teacher_vocab} tokens, the student "

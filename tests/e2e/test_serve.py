@@ -70,7 +70,8 @@ def server(tiny_base_dir, tmp_path_factory):
             proc.kill()
             pytest.fail("rayft serve did not become ready:\n" + "".join(lines[-40:]))
         time.sleep(0.5)
-    yield {"url": f"http://127.0.0.1:{port}", "lines": lines, "base": tiny_base_dir, "adapter-b": ws / "adapter-b"}
+    yield {"url": f"http://127.0.0.1:{port}", "lines": lines, "base": tiny_base_dir, "adapter-b": ws / "adapter-b",
+           "pid": proc.pid}
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0, "".join(lines[-20:])
 
@@ -190,18 +191,18 @@ def test_health_and_status_report_a_live_engine(server):
     assert report["deployments"]["LLMServer:base"]["replicas"] == {"RUNNING": 1}
 
 
-def replica_pids(name: str) -> list[int]:
-    """Serve replica processes of this application (Ray titles them ray::ServeReplica:APP:NAME)."""
-    import psutil
+def replica_pids(server, name: str) -> list[int]:
+    """Serve replica processes of this application (Ray titles them ray::ServeReplica:APP:NAME),
+    among the descendants of this test's `rayft serve` only (its embedded Ray cluster)."""
+    from tests.integration.faults import own_pids
 
-    title = f"ServeReplica:rayft:{name}"
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if title in " ".join(p.info["cmdline"] or [])]
+    return own_pids(f"ServeReplica:rayft:{name}", root=server["pid"])
 
 
 def test_a_killed_replica_recovers_under_load(server, client):
     """SIGKILL the engine replica while clients keep sending: nothing but 200s and 503s,
     a new replica takes over, and a request sent after the kill succeeds in bounded time."""
-    (old_pid,) = replica_pids("LLMServer")
+    (old_pid,) = replica_pids(server, "LLMServer")
     records, stop = [], threading.Event()  # (sent, done, status) per request
 
     def load():
@@ -238,6 +239,6 @@ def test_a_killed_replica_recovers_under_load(server, client):
     statuses = {status for _, _, status in records}
     assert first_success_after_kill() is not None, f"no success within {RECOVERY_TIMEOUT_S}s: {records[-10:]}"
     assert statuses <= {200, 503}, statuses
-    new_pids = replica_pids("LLMServer")
+    new_pids = replica_pids(server, "LLMServer")
     assert len(new_pids) == 1 and new_pids != [old_pid]
     assert greedy(client, "base:lora-run", PROMPTS[0]).text  # adapters load on the new replica

@@ -1,6 +1,10 @@
-"""Fault injection for resume tests: SIGKILL a Ray Train worker process once Ray has
-registered a given checkpoint (a real process death, not an exception)."""
+"""Fault injection for resume and recovery tests: SIGKILL a process of this test's own
+Ray cluster (a real process death, not an exception). Processes are looked for among the
+descendants of the test process only (a local `ray.init()` starts its GCS, raylet and
+workers as children of the process that called it; a `rayft` subprocess's under that
+subprocess), so Ray clusters of other users on the same machine are never touched."""
 
+import json
 import os
 import signal
 import threading
@@ -10,9 +14,21 @@ from contextlib import contextmanager
 import psutil
 
 
+def own_pids(title: str, root: int | None = None) -> list[int]:
+    """Pids of the descendants of `root` (default: this process) whose command line
+    contains `title` (Ray titles its worker processes ray::ClassName[.method])."""
+    found = []
+    for proc in psutil.Process(root or os.getpid()).children(recursive=True):
+        try:
+            if title in " ".join(proc.cmdline()):
+                found.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
 def train_worker_pids() -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+    return own_pids("RayTrainWorker")
 
 
 @contextmanager
@@ -38,5 +54,50 @@ def kill_a_worker_after_checkpoint(run_dir, step: int, min_workers: int = 2, tim
     watcher.start()
     try:
         yield killed
+    finally:
+        watcher.join(timeout=5)
+
+
+def logged_steps(run_dir) -> list[int]:
+    """Steps of the training rows metrics.jsonl holds so far (a partial last line skipped)."""
+    path = run_dir / "metrics.jsonl"
+    steps = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "event" not in row and "step_s" in row:
+            steps.append(row["step"])
+    return steps
+
+
+@contextmanager
+def kill_after_step(run_dir, title: str, step: int, timeout_s: float = 600):
+    """While the block runs, SIGKILL one process titled `title` (the newest) as soon as
+    metrics.jsonl has logged training step `step`. Yields a dict that gets `pid` (the
+    killed process) and `at` (the last logged step then) and, once a new process with
+    that title has appeared, `replaced_by`."""
+    info: dict = {}
+
+    def watch():
+        deadline = time.time() + timeout_s
+        while time.time() < deadline and "replaced_by" not in info:
+            if "pid" not in info:
+                steps = logged_steps(run_dir)
+                pids = own_pids(title)
+                if steps and max(steps) >= step and pids:
+                    os.kill(max(pids), signal.SIGKILL)
+                    info.update(pid=max(pids), at=max(steps), others=set(pids) - {max(pids)})
+            else:
+                new = set(own_pids(title)) - info["others"] - {info["pid"]}
+                if new:
+                    info["replaced_by"] = max(new)
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield info
     finally:
         watcher.join(timeout=5)

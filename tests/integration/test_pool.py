@@ -1,11 +1,15 @@
 """The rollout pool on a real local Ray cluster with the CPU build of vLLM: complete,
 ordered results across 2 engines; a killed engine mid-batch is replaced and the batch
-still comes back whole; weight sync reaches every engine."""
+still comes back whole; weight sync reaches every engine; an engine killed after a sync
+comes back serving the synced weights, replaced once although two callers saw it die."""
 
+import os
+import signal
 import threading
 import time
 
 import pytest
+import ray
 import torch
 
 from rollout.config import RolloutConfig
@@ -28,6 +32,17 @@ def _messages(question):
     return [{"role": "user", "content": question}]
 
 
+def _sigkill(engine) -> int:
+    """SIGKILL the engine actor's own process (a real death, nothing else touched)."""
+    pid = ray.get(engine.pid.remote(), timeout=60)
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def _generations(pool):
+    return ray.get(pool.owner.generations.remote(), timeout=60)
+
+
 def test_split_evenly():
     assert [len(r) for r in split_evenly(10, 3)] == [4, 3, 3]
     assert [len(r) for r in split_evenly(1, 2)] == [1, 0]
@@ -46,40 +61,84 @@ def test_two_engines_return_every_prompt_in_order(pool, tiny_base_dir):
 
 
 def test_killed_engine_mid_batch_still_returns_the_batch(pool):
-    import ray
-
     prompts = [_messages(q) for q in QUESTIONS * 40]  # 960 prompts
     sampling = Sampling(temperature=0.0, max_new_tokens=32)
     expected = pool.generate(prompts, sampling)
     victim = pool.engines[1]
+    before = _generations(pool)
     killer = threading.Timer(0.3, lambda: ray.kill(victim, no_restart=True))
     killer.start()
     started = time.time()
     groups = pool.generate(prompts, sampling)
     killer.join()
-    assert pool.engines[1] is not victim, "the engine was not replaced (kill landed after the batch?)"
+    assert _generations(pool) == [before[0], before[1] + 1], "the engine was not replaced (kill landed late?)"
     assert [g[0].prompt_index for g in groups] == list(range(len(prompts)))
     assert [g[0].response_ids for g in groups] == [g[0].response_ids for g in expected]
     assert time.time() - started < 300
 
 
-def test_weight_sync_reaches_every_engine(pool, tiny_base_dir):
+def _perturbed(tiny_base_dir, seed):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base_dir))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def _trainer_logprobs(model, prompt_ids, response_ids):
+    with torch.no_grad():
+        out = []
+        for p, r in zip(prompt_ids, response_ids):
+            logits = model(torch.tensor([p + r])).logits[0, len(p) - 1:-1].log_softmax(-1)
+            out.append(logits.gather(1, torch.tensor(r)[:, None]).squeeze(1).tolist())
+    return out
+
+
+def test_weight_sync_reaches_every_engine(pool, tiny_base_dir):
+    model = _perturbed(tiny_base_dir, 0)
     report = pool.sync_weights(model.state_dict())
-    assert report.bytes > 0 and report.seconds > 0
+    assert report.bytes > sum(p.numel() for p in model.parameters()) * 4 * 0.9  # float32 tensors, all of them
+    assert report.buckets >= 1 and report.seconds >= report.engine_seconds > 0
     prompts = [_messages(q) for q in QUESTIONS[:4]]
     groups = pool.generate(prompts, Sampling(temperature=0.0, max_new_tokens=6))
     prompt_ids = [g[0].prompt_ids for g in groups]
     response_ids = [g[0].response_ids for g in groups]
-    with torch.no_grad():
-        trainer = []
-        for p, r in zip(prompt_ids, response_ids):
-            logits = model(torch.tensor([p + r])).logits[0, len(p) - 1:-1].log_softmax(-1)
-            trainer.append(logits.gather(1, torch.tensor(r)[:, None]).squeeze(1).tolist())
-    assert pool.verify(prompt_ids, response_ids, trainer) < 1e-3
+    assert pool.verify(prompt_ids, response_ids, _trainer_logprobs(model, prompt_ids, response_ids)) < 1e-4
+
+
+def test_an_engine_killed_after_a_sync_comes_back_with_the_synced_weights(pool, tiny_base_dir):
+    """Two callers see the killed engine die at once: it is replaced once, and the
+    replacement serves the synced (perturbed) weights, not the start model."""
+    model = _perturbed(tiny_base_dir, 7)
+    pool.sync_weights(model.state_dict())
+    prompts = [_messages(q) for q in QUESTIONS[:8]]  # engine 1 serves the second half
+    greedy = Sampling(temperature=0.0, max_new_tokens=8)
+    synced = pool.generate(prompts, greedy)
+    start_model = HFEngine(str(tiny_base_dir)).generate(prompts, greedy)
+    assert [g[0].response_ids for g in synced[4:]] != [g[0].response_ids for g in start_model[4:]], \
+        "the perturbation does not change greedy output: the test could not tell the weights apart"
+
+    before = _generations(pool)
+    _sigkill(pool.engines[1])
+    results = [None, None]
+
+    def call(k):
+        results[k] = pool.generate(prompts, greedy)
+
+    callers = [threading.Thread(target=call, args=(k,)) for k in range(2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(timeout=600)
+    assert _generations(pool) == [before[0], before[1] + 1]  # replaced once, not once per caller
+    for result in results:
+        assert [g[0].response_ids for g in result] == [g[0].response_ids for g in synced]
+    prompt_ids = [g[0].prompt_ids for g in synced]
+    response_ids = [g[0].response_ids for g in synced]
+    engine_1 = split_evenly(len(prompts), 2)[1]
+    gap = pool.verify([prompt_ids[k] for k in engine_1], [response_ids[k] for k in engine_1],
+                      _trainer_logprobs(model, [prompt_ids[k] for k in engine_1], [response_ids[k] for k in engine_1]))
+    assert gap < 1e-4

@@ -1,15 +1,19 @@
 """Reward actors on a local Ray cluster: two actors score a batch with a reward model
 and rule functions (model rewards equal a direct forward pass; a model built to prefer a
 word shows it), and a failing rule, a bad reference or a hung rule reach the caller as a
-`RewardError` that names them, through `ray.get`."""
+`RewardError` that names them, through `ray.get`. Behind `RewardService` (as an RL run
+holds them), a SIGKILLed actor is restarted once for two callers and its share re-scored."""
 
+import os
+import signal
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
 import torch
 
-from rollout.reward_actor import RewardActor, score_batch, start_reward_actors, stop_reward_actors
+from rollout.reward_actor import RewardActor, RewardService, score_batch, start_reward_actors, stop_reward_actors
 from rollout.rewards import RewardError, RewardItem, RewardSpec, RewardTerm
 
 RULES = textwrap.dedent('''
@@ -139,3 +143,35 @@ def test_a_hung_rule_is_a_timeout_not_a_hang(ray_cluster, rules_file):
             score_batch(handles, ITEMS[:1], timeout_s=1)
     finally:
         stop_reward_actors(handles)
+
+
+def _sigkill(actor) -> None:
+    """SIGKILL the actor's own process (a real death; nothing else on the machine touched)."""
+    os.kill(ray.get(actor.pid.remote(), timeout=60), signal.SIGKILL)
+
+
+def test_a_killed_reward_actor_is_restarted_once_and_its_share_rescored(ray_cluster, rules_file):
+    """Two callers (as two training workers) score while one of two actors is SIGKILLed:
+    both get every result, and the owner replaced the actor once."""
+    service = RewardService(RewardSpec([RewardTerm(f"{rules_file}:picky")], num_actors=2, cpus_per_actor=0.5,
+                                       timeout_s=120), max_retries=2)
+    try:
+        expected = [5.0, 5.0, 5.0, 2.0, 5.0]
+        assert [r.reward for r in service.score(ITEMS)] == expected
+        _sigkill(service.actors.handles()[1])
+        with ThreadPoolExecutor(2) as callers:
+            results = list(callers.map(lambda _: service.score(ITEMS), range(2)))
+        assert [[r.reward for r in rs] for rs in results] == [expected, expected]
+        assert ray.get(service.actors.owner.generations.remote(), timeout=60) == [0, 1]
+    finally:
+        service.stop()
+
+
+def test_a_hung_rule_behind_the_service_is_a_timeout_not_a_restart(ray_cluster, rules_file):
+    service = RewardService(RewardSpec([RewardTerm(f"{rules_file}:sleepy")], cpus_per_actor=0.5, timeout_s=2))
+    try:
+        with pytest.raises(RewardError, match=r"reward actor 0 did not answer within 2 s"):
+            service.score(ITEMS[:1])
+        assert ray.get(service.actors.owner.generations.remote(), timeout=60) == [0]
+    finally:
+        service.stop()

@@ -2,14 +2,18 @@
 log-softmax of a plain transformers forward pass on each sample alone, at the positions
 that predict the response tokens; padding and batch splits change nothing; the response
 tokens' entries are the transformers engine's scores; a bad model directory is reported
-with its load error."""
+with its load error; behind `TeacherService`, a SIGKILLed teacher is restarted and the
+request re-issued."""
+
+import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 
 from rollout.hf_engine import HFEngine
-from rollout.teacher import TeacherActor, start_teacher, stop_teacher
+from rollout.teacher import TeacherActor, TeacherService, start_teacher, stop_teacher
 
 PROMPTS = [[5, 17, 200, 31], [9], [40, 41, 42, 43, 44, 45, 46, 47, 48], [300, 301]]
 RESPONSES = [[12, 13, 14], [77, 78, 79, 80, 81, 82, 83], [500], [600, 601, 602, 603]]
@@ -77,3 +81,19 @@ def test_a_directory_without_safetensors_is_reported(ray_cluster, tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="no \\*.safetensors"):
         start_teacher(str(tmp_path), cpus=1)
+
+
+def test_a_killed_teacher_is_restarted_and_the_request_reissued(ray_cluster, tiny_model_dir):
+    import ray
+
+    service = TeacherService(str(tiny_model_dir), cpus=0.5, timeout_s=300, max_retries=1)
+    try:
+        before = service.logprobs(PROMPTS, RESPONSES)
+        (teacher,) = service.actor.handles()
+        os.kill(ray.get(teacher.pid.remote(), timeout=60), signal.SIGKILL)  # this actor's own process only
+        after = service.logprobs(PROMPTS, RESPONSES)
+        assert ray.get(service.actor.owner.generations.remote(), timeout=60) == [1]
+        for a, b in zip(after, before):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    finally:
+        service.stop()

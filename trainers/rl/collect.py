@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -16,11 +16,11 @@ from trainers.rl.experience import Experience, build_experience
 
 @dataclass
 class Services:
-    """Ray handles of what an RL run samples from, started and stopped by the driver."""
+    """Handles of what an RL run samples from, each to one owner actor the driver started
+    (and stops): a copy in every worker reaches the same actors."""
     pool: Any                          # rollout.pool.RolloutPool
-    reward_actors: Optional[list] = None
-    reward_timeout_s: float = 600.0
-    teacher: Any = None                # rollout.teacher.TeacherActor handle
+    rewards: Any = None                # rollout.reward_actor.RewardService
+    teacher: Any = None                # rollout.teacher.TeacherService
 
 
 class Collector:
@@ -58,14 +58,13 @@ class Collector:
 
     def rewards(self, records: list, generations: list) -> tuple[list[float], dict[str, list[float]]]:
         """Each generation's combined reward and each reward term's values (zeros with no rewards)."""
-        if not self.services.reward_actors:
+        if self.services.rewards is None:
             return [0.0] * len(generations), {}
-        from rollout.reward_actor import score_batch
         from rollout.rewards import RewardItem
 
         items = [RewardItem.from_generation(records[g.prompt_index].prompt_messages, g,
                                             records[g.prompt_index].reference) for g in generations]
-        results = score_batch(self.services.reward_actors, items, self.services.reward_timeout_s)
+        results = self.services.rewards.score(items)
         terms: dict[str, list[float]] = {}
         for result in results:
             for name, value in result.terms.items():
@@ -74,10 +73,8 @@ class Collector:
 
     def teacher_logprobs(self, generations: list, width: int) -> torch.Tensor:
         """(B, width, V) teacher log-probs at each response position (zeros on padding)."""
-        import ray
-
-        rows = ray.get(self.services.teacher.logprobs.remote([g.prompt_ids for g in generations],
-                                                             [g.response_ids for g in generations]))
+        rows = self.services.teacher.logprobs([g.prompt_ids for g in generations],
+                                              [g.response_ids for g in generations])
         vocab = rows[0].shape[-1]
         out = torch.zeros((len(rows), width, vocab))
         for i, row in enumerate(rows):
@@ -88,7 +85,7 @@ class Collector:
         """Sums over greedy responses to `records`: responses, length, reward (when the run
         has rewards) and, given a `divergence(experience) -> float`, the summed per-token
         divergence and token count."""
-        rewarded = bool(self.services.reward_actors)
+        rewarded = self.services.rewards is not None
         if not records:
             sums = {"responses": 0.0, "length": 0.0} | ({"reward": 0.0} if rewarded else {})
             return sums | ({"divergence": 0.0, "tokens": 0.0} if divergence else {})

@@ -79,6 +79,9 @@ class DistillConfig:
     ce_weight: float = opt(0.5, "offline: weight of the hard-label CE loss; the divergence gets 1 - ce_weight.")
     beta: float = opt(0.5, "jsd: interpolation weight; 0 = forward KL, 1 = reverse KL.")
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Teacher weights dtype.")
+    teacher_trust_remote_code: bool = opt(
+        False, "Run the teacher directory's own modelling code (its config's auto_map); model.trust_remote_code "
+               "covers the student only.")
     cpus_per_teacher: float = opt(1.0, "on_policy: CPUs reserved for the teacher actor.")
 
     def validate(self, section: str) -> None:

@@ -28,7 +28,7 @@ from trainers.reference import Reference
 from trainers.rl.model import build_rl_model, engine_weights, policy_state
 from trainers.rl.objectives import AdaptiveKL, build_objective
 from trainers.setup import describe_trainable
-from trainers.strategy import all_reduce_sum, build_strategy, unwrap
+from trainers.strategy import all_reduce_max, all_reduce_sum, build_strategy, unwrap
 
 
 @dataclass
@@ -115,6 +115,8 @@ class RLLoop:
         metrics.update(self.update(exp, step))
         timings["train_s"] = time.perf_counter() - t
         timings["sync_s"] = self.sync()
+        if self.job.rollout.verify_sync:
+            metrics["sync_gap_max"] = self.sync_gap(exp)
         timings["step_s"] = time.perf_counter() - started
         row = self.reduce({**metrics, **timings})
         # From the all-reduced KL, so every worker keeps the same coefficient.
@@ -207,11 +209,31 @@ class RLLoop:
         (seconds,) = all_reduce_sum([seconds], self.worker.device)  # also the barrier
         return seconds
 
+    @torch.no_grad()
+    def sync_gap(self, exp: Experience, rows: int = 4) -> float:
+        """Max |log-prob| gap on a few of this step's responses between the engines and the
+        trainer's updated weights: what the engines serve after the sync (rollout.verify_sync)."""
+        model, mb = self.strategy.model, exp.rows(slice(0, rows))
+        model.eval()
+        logits, _ = model(mb.input_ids, mb.attention_mask, mb.position_ids)
+        trainer = token_logp(at_response(logits, mb), mb.response_ids)
+        lengths = mb.mask.sum(1).long().tolist()
+        width = exp.prompt_width
+        prompts = [ids[width - int(n):].tolist() for ids, n in
+                   zip(mb.input_ids[:, :width], mb.attention_mask[:, :width].sum(1))]
+        responses = [r[:n].tolist() for r, n in zip(mb.response_ids, lengths)]
+        return self.pool.verify(prompts, responses, [t[:n].tolist() for t, n in zip(trainer, lengths)])
+
     def reduce(self, metrics: dict) -> dict:
-        """Every metric averaged over the workers."""
-        keys = sorted(metrics)
-        totals = all_reduce_sum([float(metrics[k]) for k in keys], self.worker.device)
-        return {k: v / self.worker.world_size for k, v in zip(keys, totals)}
+        """Every metric averaged over the workers, but a per-worker maximum (`*_max`) is the
+        maximum over them."""
+        means = sorted(k for k in metrics if not k.endswith("_max"))
+        maxima = sorted(k for k in metrics if k.endswith("_max"))
+        totals = all_reduce_sum([float(metrics[k]) for k in means], self.worker.device)
+        out = {k: v / self.worker.world_size for k, v in zip(means, totals)}
+        if maxima:
+            out |= dict(zip(maxima, all_reduce_max([float(metrics[k]) for k in maxima], self.worker.device)))
+        return out
 
     def evaluate(self) -> dict:
         """Greedy responses to held-out prompts: mean reward (or divergence from the teacher)."""
