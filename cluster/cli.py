@@ -250,11 +250,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from rollout.reward_rules import RewardError
+    from rollout.stack import UnsupportedVersion, check_stack
 
     args = parse_args(argv)
+    unsupported = check_stack()  # package metadata only: the libraries are not imported
+    if unsupported:
+        print(f"rayft: error: {'; '.join(unsupported)}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
-    except (UserError, RewardError) as exc:
+    except (UserError, RewardError, UnsupportedVersion) as exc:
         print(f"rayft: error: {exc}", file=sys.stderr)
         return 2
     except WorkerError as exc:

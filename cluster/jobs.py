@@ -222,8 +222,10 @@ class Jobs:
         url = _job_server_url(address, source, token)
         from ray.job_submission import JobSubmissionClient
 
+        from services import ray_compat
+
         for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
-                     "ray._private.runtime_env.packaging"):
+                     ray_compat.PACKAGING_LOGGER):
             logging.getLogger(name).setLevel(logging.WARNING)   # "Uploading package ..." and the like
         with parts.environ(drop=parts.ADDRESS_ENV):   # else Ray's SDK lets them override the URL
             try:
@@ -299,10 +301,11 @@ def _job_server_url(address: str, source: str, token: str | None) -> str:
     from ray.exceptions import RpcError
 
     from cluster.ray_env import use_token_auth_if_available
+    from services import ray_compat
 
     if token:
         os.environ["RAY_AUTH_TOKEN"] = token   # the one resolved above, for the GCS lookup
-    quiet = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    quiet = logging.getLogger(ray_compat.TOKEN_AUTH_LOGGER)
     quiet.setLevel(logging.ERROR)   # "Token authentication is enabled ...", said of the cluster it joins
     use_token_auth_if_available()
     with parts.environ(drop=parts.ADDRESS_ENV):

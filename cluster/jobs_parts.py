@@ -157,10 +157,10 @@ def rayignore_patterns(working_dir: Path) -> list[str]:
 
 def excluded_by(relpath: str, patterns: list[str]) -> str | None:
     """The first gitignore-style pattern (Ray's matcher) that leaves relpath out, or None."""
-    from ray._private.thirdparty.pathspec import PathSpec
+    from services.ray_compat import path_spec
 
     for pattern in patterns:
-        if PathSpec.from_lines("gitwildmatch", [pattern]).match_file(relpath):
+        if path_spec([pattern]).match_file(relpath):
             return pattern
     return None
 

@@ -1,10 +1,13 @@
 """Connecting to Ray: an embedded local cluster by default, or an existing one
-(`cluster.address` / `--address`, or Ray's own RAY_ADDRESS)."""
+(`cluster.address` / `--address`, or Ray's own RAY_ADDRESS). The embedded cluster listens
+on loopback only: nothing on the network can reach its GCS, raylet or workers."""
 
 from __future__ import annotations
 
 import math
 import os
+
+from services import ray_compat
 
 # Set before Ray starts so every worker process inherits them.
 _WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
@@ -28,7 +31,8 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, verbos
             ray.init(address=address, runtime_env=env, **kwargs)
         else:
             cpus = max(os.cpu_count() or 1, math.ceil(num_cpus or 0))
-            ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, **kwargs)
+            with ray_compat.loopback_node():
+                ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, **kwargs)
     return ray.cluster_resources()
 
 
@@ -37,9 +41,7 @@ def use_token_auth_if_available() -> None:
     (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token). Ray does this by itself
     for `address="auto"` but not for an explicit address, whose cluster then refuses the
     connection when it has token authentication on (the default)."""
-    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
-
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    ray_compat.use_token_auth_if_available()
 
 
 def cluster_has_gpus() -> bool:

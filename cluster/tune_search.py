@@ -252,10 +252,10 @@ def train_controllers(alive: bool = True) -> dict[str, str]:
     import ray
 
     try:
-        from ray._private.state import state
+        from services.ray_compat import actor_table
 
         job = ray.get_runtime_context().get_job_id()
-        return {aid: a["State"] for aid, a in state.actor_table(None).items()
+        return {aid: a["State"] for aid, a in actor_table().items()
                 if a["ActorClassName"] == "TrainController" and a["JobID"] == job
                 and (a["State"] == "ALIVE") == alive and a["State"] in ("ALIVE", "DEAD")}
     except Exception as exc:
@@ -269,24 +269,19 @@ def release_orphaned_worker_groups(wait_s: float = 0.0, ignore=frozenset()) -> i
     does where the State API is up. With `wait_s`, first wait (up to that long) until no
     controller of this job is alive but those in `ignore`, as after a search. Returns how
     many were removed; best effort, never raises. (Reads the GCS tables through
-    ray._private.state: the public State API is the dashboard that is missing.)"""
+    services.ray_compat: the public State API is the dashboard that is missing.)"""
     try:
-        from ray._private.state import state
-        from ray._raylet import PlacementGroupID
-        from ray.core.generated import gcs_pb2
-        from ray.util.placement_group import PlacementGroup, remove_placement_group
+        from ray.util.placement_group import remove_placement_group
+
+        from services.ray_compat import placement_groups_created_by
 
         deadline = time.monotonic() + wait_s
         while set(train_controllers()) - set(ignore) and time.monotonic() < deadline:
             time.sleep(0.5)
-        dead = train_controllers(alive=False)
-        removed = 0
-        for raw in state._connect_and_get_accessor().get_placement_group_table():
-            pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-            if pg.state != gcs_pb2.PlacementGroupTableData.REMOVED and pg.creator_actor_id.hex() in dead:
-                remove_placement_group(PlacementGroup(PlacementGroupID(pg.placement_group_id)))
-                removed += 1
-        return removed
+        orphans = placement_groups_created_by(set(train_controllers(alive=False)))
+        for pg in orphans:
+            remove_placement_group(pg)
+        return len(orphans)
     except Exception as exc:  # a cleanup aid; the search's results do not depend on it
         logging.getLogger(__name__).debug("releasing orphaned worker groups failed: %s", exc)
         return 0

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
-from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
 from rollout.config import RolloutConfig
 from rollout.engine import Generation, PromptInput, Sampling, vllm_device_kwargs
 from rollout.inputs import check_safetensors, check_sampling, load_tokenizer, prompt_ids
+from rollout.vllm_compat import AdapterLogitsProcessor, add_lora, remove_lora, shutdown
 from rollout.weight_sync import check_names, check_whole_layers, checkpoint_names, payload_names, sync_groups
 
 FORCE_KEY = "rayft_force"
@@ -133,15 +133,12 @@ class VLLMEngine:
             raise FileNotFoundError(f"{adapter_dir}: not a peft adapter directory (no adapter_config.json)")
         version = self.adapter_version + 1
         request = LoRARequest(f"rayft-adapter-v{version}", version, str(Path(adapter_dir).resolve()))
-        engine = self.llm.llm_engine
-        engine.add_lora(request)  # load now, so a bad adapter fails here and not mid-rollout
+        add_lora(self.llm, request)  # load now, so a bad adapter fails here and not mid-rollout
         if self.lora is not None:
-            engine.remove_lora(self.lora.lora_int_id)
+            remove_lora(self.llm, self.lora.lora_int_id)
         self.lora, self.adapter_version = request, version
         return version
 
     def shutdown(self) -> None:
         """Stop vLLM's engine-core and worker processes now rather than at garbage collection."""
-        engine = getattr(self.llm, "llm_engine", None)
-        if engine is not None and hasattr(engine, "engine_core"):
-            engine.engine_core.shutdown()
+        shutdown(self.llm)

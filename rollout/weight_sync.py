@@ -143,8 +143,10 @@ class WeightSyncExtension:
     already has `update_weights`, for its own weight-transfer API)."""
 
     def rayft_load_weights(self, payload: bytes) -> int:
+        from rollout.vllm_compat import reload_weights  # here: trainers import this module, never vLLM
+
         weights = unpack(payload)
         # The worker's reload_weights = checkpoint-format load + per-layer repacking; it
         # also drops loaded LoRA adapters (they are re-read from disk on next use).
-        self.reload_weights(weights_iterator=iter(weights.items()))
+        reload_weights(self, weights)
         return len(weights)

@@ -92,6 +92,6 @@ def _use_gpu(cfg: ServeConfig) -> bool:
 
 
 def _model_card(model_id: str, llm_config: LLMConfig):
-    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from services.ray_llm_compat import to_model_metadata
 
     return to_model_metadata(model_id, llm_config)

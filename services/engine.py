@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ray.llm._internal.common.models import global_id_manager
-from ray.llm._internal.common.utils.lora_utils import get_lora_id
-from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
-from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
-from ray.serve.llm import LLMServer
+from services.ray_llm_compat import DiskMultiplexConfig, LoraModelLoader, ServerBase, get_lora_id, global_id_manager
 
 
 class LocalAdapterLoader(LoraModelLoader):
@@ -36,11 +32,11 @@ class LocalAdapterLoader(LoraModelLoader):
         return self.disk_cache[lora_model_id]
 
 
-class AdapterServer(LLMServer):
+class AdapterServer(ServerBase):
     _adapter_lock: asyncio.Lock | None = None
 
-    async def _maybe_resolve_lora_from_multiplex(self) -> None:
+    async def resolve_adapter(self, load) -> None:
         if self._adapter_lock is None:  # created on the replica's own event loop
             self._adapter_lock = asyncio.Lock()
         async with self._adapter_lock:
-            await super()._maybe_resolve_lora_from_multiplex()
+            await load()

@@ -98,7 +98,7 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         return _server_error(request, exc, 500)
 
-    from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
+    from services.ray_llm_compat import OpenAIHTTPException
 
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(OpenAIHTTPException, openai_error)

@@ -15,40 +15,35 @@ from fastapi import FastAPI, HTTPException
 from ray.serve.exceptions import BackPressureError
 from starlette.responses import JSONResponse
 
-from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList
-from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, OpenAiIngress, make_fastapi_ingress
-from ray.llm._internal.serve.core.ingress.middleware import SetRequestIdMiddleware
-from ray.llm._internal.serve.observability.metrics.fast_api_metrics import metrics_lifespan
-
 from services.auth import ApiKeyMiddleware
 from services.errors import UNAVAILABLE, Unavailable, install_error_handlers
+from services.ray_llm_compat import (DEFAULT_ENDPOINTS, IngressBase, ModelCard, ModelList, SetRequestIdMiddleware,
+                                     make_fastapi_ingress, metrics_lifespan)
 
 HEALTH_TIMEOUT_S = 10.0
 SERVED_ENDPOINTS = ("models", "model_data", "completions", "chat", "tokenize", "detokenize")
 
 
-class RayftIngress(OpenAiIngress):
+class RayftIngress(IngressBase):
     def __init__(self, llm_deployments, model_cards, *, adapters: dict[str, list[str]]):
         super().__init__(llm_deployments, model_cards)
         self._adapters = {base: list(names) for base, names in adapters.items()}
 
-    async def _get_model_id(self, model):
-        model = await super()._get_model_id(model)
+    def served_model_id(self, model: str) -> str:
         base, _, adapter = model.partition(":")
         if adapter and adapter not in self._adapters.get(base, []):
             served = ", ".join(f"{base}:{name}" for name in self._adapters.get(base, [])) or "none"
             raise HTTPException(404, f"model '{model}' not found (adapters served over {base}: {served})")
         return model
 
-    async def _process_llm_request(self, body, call_method: str, raw_request=None):
-        try:
-            return await super()._process_llm_request(body, call_method, raw_request)
-        except UNAVAILABLE as exc:
-            raise Unavailable(overloaded=isinstance(exc, BackPressureError)) from exc
+    def request_error(self, exc: Exception) -> Exception | None:
+        if isinstance(exc, UNAVAILABLE):
+            return Unavailable(overloaded=isinstance(exc, BackPressureError))
+        return None
 
     async def model(self, model_id: str) -> ModelCard | None:
         base, _, adapter = model_id.partition(":")
-        card = self._model_cards.get(base)
+        card = self.model_cards.get(base)
         if card is None or (adapter and adapter not in self._adapters.get(base, [])):
             return None
         if not adapter:
@@ -57,13 +52,13 @@ class RayftIngress(OpenAiIngress):
                          metadata={**card.metadata, "base_model_id": base, "adapter": adapter})
 
     async def models(self) -> ModelList:
-        ids = [m for base in self._model_cards for m in [base] + [f"{base}:{a}" for a in self._adapters.get(base, [])]]
+        ids = [m for base in self.model_cards for m in [base] + [f"{base}:{a}" for a in self._adapters.get(base, [])]]
         return ModelList(data=[await self.model(m) for m in ids])
 
     async def health(self) -> JSONResponse:
         """Each base model's engine answers its health check (a replica restarting does not)."""
         engines = {}
-        for model_id, handle in self._default_serve_handles.items():
+        for model_id, handle in self.engine_handles.items():
             try:
                 await asyncio.wait_for(_awaitable(handle.check_health.remote()), HEALTH_TIMEOUT_S)
                 engines[model_id] = "alive"

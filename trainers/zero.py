@@ -80,7 +80,9 @@ class ZeroStrategy:
     def full_state_dict(self) -> dict | None:
         """Consolidated weights on rank 0 (ZeRO-3 gathers the shards; call on every rank)."""
         if self.stage == 3:
-            return self.engine._zero3_consolidated_16bit_state_dict()
+            from trainers.deepspeed_compat import zero3_consolidated_state_dict
+
+            return zero3_consolidated_state_dict(self.engine)
         return None
 
 

@@ -45,9 +45,9 @@ TRAIN_WORKER_CLASS = "RayTrainWorker"          # Ray Train V2's worker actor
 
 def actor_nodes(class_name: str | None = None, actor_ids: set[str] | None = None) -> dict[str, str]:
     """actor id -> node id of the actors of `class_name` (or with the given ids), alive or dead."""
-    from ray._private.state import actors
+    from services.ray_compat import actor_table
 
-    return {aid: info["Address"]["NodeID"] for aid, info in actors().items()
+    return {aid: info["Address"]["NodeID"] for aid, info in actor_table().items()
             if (class_name is None or info["ActorClassName"] == class_name)
             and (actor_ids is None or aid in actor_ids)}
 
