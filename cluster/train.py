@@ -13,6 +13,7 @@ from cluster.config import JobConfig, dump_yaml, with_absolute_paths
 from cluster.progress import MetricsProgress
 from cluster.ray_env import cluster_has_gpus, ensure_ray
 from cluster.report import write_report
+from cluster.resume import check_resume
 from cluster.rl import actor_cpus, rollout_services, summarise_rl
 from trainers.batching import plan_steps
 from trainers.data import build_datasets
@@ -46,7 +47,7 @@ def run_training(config: JobConfig, echo=print) -> dict:
     datasets = build_datasets(config.data, tokenizer, purpose=purpose)
     method_kwargs = _prepare(config, datasets, tokenizer)
     _echo_data(datasets.stats, echo)
-    _check_resume(config, run_dir, echo)
+    check_resume(config, run_dir, echo)  # before config.yaml is rewritten below
     batch, accum = config.train.batch_size, config.train.grad_accum
     if config.uses_rollouts:
         batch, accum = config.algo.prompts_per_step, 1
@@ -144,16 +145,6 @@ def _prepare(config: JobConfig, datasets, tokenizer) -> dict:
         objective = config.rm.objective if config.method == "rm" else "pairwise"
         encode_preference_sets(datasets, tokenizer, config.data, objective)
     return {}
-
-
-def _check_resume(config: JobConfig, run_dir: Path, echo) -> None:
-    checkpoints = sorted((run_dir / "checkpoints").glob("step_*/COMPLETE"))
-    if not checkpoints:
-        return
-    if config.train.resume == "never":
-        raise UserError(f"{run_dir} already has checkpoints; choose another name, remove it, "
-                        "or set train.resume=auto to continue it")
-    echo(f"resuming from {checkpoints[-1].parent.name} in {run_dir}")
 
 
 def _fit(trainer, run_dir: Path, total_steps: int):
