@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from cluster.config import JobConfig, dump_yaml, with_absolute_paths
+from cluster.failures import StopOnUserError, user_error
 from cluster.progress import MetricsProgress
 from cluster.ray_env import cluster_has_gpus, ensure_ray
 from cluster.report import write_report
@@ -95,6 +96,7 @@ def _trainer(config: JobConfig, run_dir: Path, entry, loop_config: dict, use_gpu
                                      placement_strategy=cluster.placement.upper()),
         run_config=RunConfig(name="checkpoints", storage_path=str(run_dir),
                              failure_config=FailureConfig(max_failures=cluster.max_failures),
+                             callbacks=[StopOnUserError()],  # a user error fails alike on every retry
                              checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints)),
     )
 
@@ -150,18 +152,16 @@ def _prepare(config: JobConfig, datasets, tokenizer) -> dict:
 def _fit(trainer, run_dir: Path, total_steps: int):
     """trainer.fit() under a progress bar, with a worker's UserError surfaced as the
     UserError it was."""
+    from ray.train import ControllerError
     from ray.train.v2.api.exceptions import WorkerGroupError
 
     try:
         with MetricsProgress(run_dir / "metrics.jsonl", total_steps, desc=run_dir.name):
             return trainer.fit()
-    except WorkerGroupError as exc:
-        for failure in exc.worker_failures.values():
-            cause = failure
-            while cause is not None and not isinstance(cause, UserError):
-                cause = cause.__cause__
-            if isinstance(cause, UserError):
-                raise cause from None
+    except (WorkerGroupError, ControllerError) as exc:
+        cause = user_error(exc)
+        if cause is not None:
+            raise cause from None
         raise
 
 
