@@ -35,9 +35,11 @@ def _response_logps(model, tokenizer, pairs, side):
     out = []
     for pair in pairs:
         prompt = [{"role": "user", "content": pair["prompt"]}]
-        start = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-        full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": pair[side]}], tokenize=True)
-        assert full[:len(start)] == start
+        start, full = (tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=not answer,
+                                                               tokenize=False), add_special_tokens=False)["input_ids"]
+                       for messages, answer in ((prompt, False),
+                                                (prompt + [{"role": "assistant", "content": pair[side]}], True)))
+        assert full[:len(start)] == start and len(full) > len(start)
         ids = torch.tensor([full])
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
@@ -111,8 +113,8 @@ def test_dpo_lora_prefers_chosen_on_held_out_pairs_and_keeps_reference(ray_clust
     assert first["eval_reward_margin"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at start
     assert last["eval_loss"] < first["eval_loss"]
     implied = assert_final_prefers_chosen(cfg.run_dir / "final", tiny_base_dir, held_out_pairs, adapter=True)
-    # The trainer's own margin (beta * implied log-ratio, on its eval split) agrees in sign and size.
-    assert last["eval_reward_margin"] == pytest.approx(0.1 * implied.mean().item(), rel=0.5), last
+    # The trainer's own margin (beta * the implied log-ratio, on its eval split) agrees in sign and size.
+    assert 1 / 3 < last["eval_reward_margin"] / (0.1 * implied.mean().item()) < 3, (last, implied.mean())
 
     policy = AutoPeftModelForCausalLM.from_pretrained(str(cfg.run_dir / "final"))
     base = AutoModelForCausalLM.from_pretrained(str(tiny_base_dir))
