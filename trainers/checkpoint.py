@@ -57,15 +57,19 @@ def checkpoint_complete(directory: Path) -> str | None:
         world_size = int(json.loads((directory / STATE_FILE).read_text())["world_size"])
     except (OSError, ValueError, KeyError, TypeError):
         return f"no readable {STATE_FILE} with the world size"
+    listed: dict[str, tuple[int, set[int]]] = {}  # file -> (first rank listing it, the sizes listed)
     for rank in range(world_size):
         try:
             files = json.loads((directory / f"{MARKER_PREFIX}{rank}").read_text())["files"]
         except (OSError, ValueError, KeyError, TypeError):
             return f"rank {rank} of {world_size} has not finished writing (no {MARKER_PREFIX}{rank})"
         for name, size in files.items():
-            path = directory / name
-            if not path.is_file() or path.stat().st_size != size:
-                return f"{name} of rank {rank} is missing or incomplete"
+            listed.setdefault(name, (rank, set()))[1].add(size)
+    for name, (rank, sizes) in listed.items():
+        # A file several ranks write (DeepSpeed's ZeRO-3 model states) is whichever copy came last.
+        path = directory / name
+        if not path.is_file() or path.stat().st_size not in sizes:
+            return f"{name} of rank {rank} is missing or incomplete"
     return None
 
 
