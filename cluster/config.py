@@ -42,7 +42,8 @@ class ClusterConfig:
                "sharding optimizer state / + gradients / + parameters.")
     offload_optimizer: bool = opt(False, "ZeRO: keep optimizer state in CPU memory.")
     offload_params: bool = opt(False, "ZeRO-3: keep parameters in CPU memory.")
-    max_failures: int = opt(0, "Worker-group restarts allowed; each resumes from the last complete checkpoint.")
+    max_failures: int = opt(2, "Worker-group restarts allowed (a lost worker, a killed process); each resumes "
+                                  "from the last complete checkpoint. 0 = fail at the first error.")
 
     def validate(self, section: str) -> None:
         if self.num_workers < 1:

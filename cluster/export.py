@@ -8,53 +8,58 @@ transformers model directory from a run or a model directory.
 - an adapter without `--merge-lora`: the adapter directory copied as it is.
 - a full model: loaded and saved again (safetensors, in the dtype it was saved in).
 
-The result is written to `DIR.tmp` and renamed into place, so DIR is never half-written;
-a non-empty DIR is only replaced with `--force`.
+The result is written to `DIR.tmp` and swapped in by rename (`trainers.kept_dir`), so DIR is
+never half-written and an old DIR goes only once the new one is in place; a non-empty DIR
+is only replaced with `--force`, and never when it is, holds or lies inside what the export
+reads (the model, the run directory named, an adapter's base model).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 from cluster.evaluate.target import CLASSIFIER, ModelDir, class_labels, inspect_model, load_model, saved_dtype
 from trainers.errors import UserError
+from trainers.kept_dir import aside_path, recover_dir, replace_dir, staging_path
 
 
 def export(checkpoint: str | Path, out: str | Path, merge_lora: bool = False, force: bool = False) -> str:
     """Export `checkpoint` to `out`; returns one line saying what was written."""
     md = inspect_model(checkpoint)
     out = Path(out)
-    _check_destination(md, out, force)
+    _check_destination(md, Path(checkpoint), out, force)
     if merge_lora and md.peft_type is not None and not md.mergeable:
         raise UserError(f"{md.path}: a {md.peft_type.lower()} adapter adds virtual tokens instead of weight "
                         "changes and cannot be merged; export it without --merge-lora (the adapter is copied)")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        if md.peft_type is not None and not merge_lora:
-            shutil.copytree(md.path, tmp)
-            what = f"copied the {md.peft_type.lower()} adapter (base {md.base})"
-        else:
-            _save_standalone(md, tmp)
-            what = (f"merged the {md.peft_type.lower()} adapter into {md.base}" if md.peft_type
-                    else "saved the full model again" + (" (no adapter to merge)" if merge_lora else ""))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    if md.peft_type is not None and not merge_lora:
+        what = f"copied the {md.peft_type.lower()} adapter (base {md.base})"
+        replace_dir(out, lambda directory: shutil.copytree(md.path, directory))
+    else:
+        what = (f"merged the {md.peft_type.lower()} adapter into {md.base}" if md.peft_type
+                else "saved the full model again" + (" (no adapter to merge)" if merge_lora else ""))
+        replace_dir(out, lambda directory: _save_standalone(md, directory))
     return f"{what}: {out}"
 
 
-def _check_destination(md: ModelDir, out: Path, force: bool) -> None:
+def _check_destination(md: ModelDir, given: Path, out: Path, force: bool) -> None:
+    """Nothing the export reads may be replaced by it: OUT (and the OUT.tmp / OUT.old it
+    writes beside) must not be, hold, or lie inside the model directory, the directory
+    named on the command line (a run), or an adapter's base model."""
+    sources = {"the model being exported": md.path, "the directory given to export": given}
+    if md.base is not None:
+        sources["the adapter's base model"] = md.base
+    for written in (out, staging_path(out), aside_path(out)):
+        target = written.resolve()
+        for what, source in sources.items():
+            source = source.resolve()
+            if target == source or target in source.parents or source in target.parents:
+                relation = "is" if target == source else "holds" if target in source.parents else "lies inside"
+                subject = "" if written == out else f"{written.name}, written beside it, "
+                raise UserError(f"--out {out}: {subject}{relation} {what} ({source}); choose an --out outside it")
+    recover_dir(out)  # an export cut short between its renames leaves OUT.old: that is OUT
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
-    sources = [md.path] + ([md.base] if md.base else [])
-    if out.exists() and any(out.resolve() == s.resolve() for s in sources):
-        raise UserError(f"{out}: is the model being exported; choose another --out")
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out}: exists and is not empty (use --force to replace it)")
 

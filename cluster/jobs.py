@@ -110,7 +110,7 @@ def cmd_submit(args) -> int:
         raise UserError(f"--working-dir {working_dir}: not a directory")
     excludes = [*parts.DEFAULT_EXCLUDES, *parts.output_excludes(config, working_dir), *args.exclude]
     parts.check_paths(config, working_dir, excludes + parts.rayignore_patterns(working_dir))
-    sid = args.submission_id or parts.submission_id(config.name)
+    sid = parts.submission_id(config.name, given=args.submission_id)
     staged = parts.staged_config_path(sid)
     env = parts.runtime_env(working_dir, excludes, parts.code_modules(working_dir), parts.parse_env(args.env))
     command = parts.entrypoint(staged)

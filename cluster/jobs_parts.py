@@ -85,10 +85,22 @@ def auth_error(message: str, url: str, token_source: str) -> str:
     return f"the cluster at {url} refused the auth token (from {token_source})"
 
 
-def submission_id(run_name: str, suffix: str | None = None) -> str:
-    """rayft-<run name>-<8 hex>: unique, and tells at a glance which run a job is."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name).strip("-.")[:40] or "run"
-    return f"rayft-{safe}-{suffix or secrets.token_hex(4)}"
+def submission_id(run_name: str, suffix: str | None = None, given: str | None = None) -> str:
+    """The job id: `given` (--submission-id) once checked, else rayft-<run name>-<8 hex>:
+    unique, and tells at a glance which run a job is."""
+    if given is None:
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name).strip("-.")[:40] or "run"
+        given = f"rayft-{safe}-{suffix or secrets.token_hex(4)}"
+    return check_submission_id(given)
+
+
+def check_submission_id(sid: str, flag: str = "--submission-id") -> str:
+    """A job id is also a file name in the staging directory: letters, digits, `_ . -`,
+    starting with a letter or digit, so it can never name a path outside it."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", sid):
+        raise UserError(f"{flag} '{sid}': use 1 to 100 letters, digits, '_', '.' or '-', starting with a "
+                        "letter or digit")
+    return sid
 
 
 def staged_config_path(sid: str) -> str:

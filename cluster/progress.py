@@ -6,17 +6,23 @@ from __future__ import annotations
 import json
 import os
 import threading
+import warnings
 from pathlib import Path
 
 from tqdm import tqdm
 
+from trainers.metrics import TruncatedMetricsWarning
+
 
 class MetricsFollower:
     """Complete rows appended to a metrics.jsonl since the last call. A replaced log (a
-    resumed run rewrites it) is read again from its start."""
+    resumed run rewrites it) is read again from its start. A half-written last line waits
+    for the next call; a line that ends but does not parse (a writer killed mid-line whose
+    log was then appended to) is left out with a warning naming the file and line, as the
+    follower only shows progress and must not stop on it."""
 
     def __init__(self, path: Path):
-        self.path, self.offset, self.inode = Path(path), 0, None
+        self.path, self.offset, self.inode, self.lines = Path(path), 0, None, 0
 
     def rows(self) -> list[dict]:
         try:
@@ -26,12 +32,22 @@ class MetricsFollower:
         with fh:
             stat = os.fstat(fh.fileno())  # of the file actually opened
             if stat.st_ino != self.inode or stat.st_size < self.offset:
-                self.inode, self.offset = stat.st_ino, 0
+                self.inode, self.offset, self.lines = stat.st_ino, 0, 0
             fh.seek(self.offset)
             chunk = fh.read()
         complete = chunk[: chunk.rfind(b"\n") + 1]  # a half-written line waits for the next call
         self.offset += len(complete)
-        return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
+        rows = []
+        for line in complete.decode(errors="replace").splitlines():
+            self.lines += 1
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                warnings.warn(f"{self.path}:{self.lines}: not a JSON metrics row ({exc.msg}); left out",
+                              TruncatedMetricsWarning, stacklevel=2)
+        return rows
 
 
 class MetricsProgress:

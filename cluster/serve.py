@@ -33,8 +33,8 @@ def add_serve_parser(sub) -> None:
                     "endpoint: /v1/chat/completions and /v1/completions (streaming), /v1/models, /health. "
                     "A LoRA run is served as its base plus the adapter (`model: <base>:<run name>`); "
                     "--adapter adds more over the same base. Every request needs the API key when one is "
-                    "set (--api-key, config api_key or $RAYFT_API_KEY); binding beyond loopback without "
-                    "one generates a key. See docs/serving.md.",
+                    "set (--api-key, config api_key or $RAYFT_API_KEY); binding beyond loopback or deploying "
+                    "to an existing cluster (--address) without one generates a key. See docs/serving.md.",
         epilog="example: rayft serve runs/sft-lora --adapter terse=runs/terse-lora --port 8000")
     p.add_argument("model", nargs="?", metavar="CHECKPOINT_OR_RUN", help="run directory or model directory")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="serve config overrides (see --help-config)")
@@ -100,16 +100,14 @@ def serve_model(cfg, address: str | None) -> int:
 
     from cluster.ray_env import ensure_ray
     from services.app import build_app
-    from services.config import ServeConfigError, is_loopback
+    from services.config import ServeConfigError
     from services.models import resolve_served
 
     try:
         served = resolve_served(cfg)
     except ServeConfigError as exc:
         raise ConfigError(exc.key, str(exc).split(": ", 1)[1]) from None
-    generated_key = ""
-    if not cfg.resolved_api_key() and not is_loopback(cfg.host):
-        cfg.api_key = generated_key = secrets.token_urlsafe(24)
+    generated_key = ensure_api_key(cfg, address)
     replicas = cfg.max_replicas if cfg.autoscaling else cfg.num_replicas
     for name in ("ray.serve", "ray.llm"):  # their INFO lines (deployment options, ...) drown ours
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -121,7 +119,8 @@ def serve_model(cfg, address: str | None) -> int:
     url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/v1"
     print(f"ready in {time.perf_counter() - started:.0f}s: {url}  models: {', '.join(served.model_ids())}", flush=True)
     if generated_key:
-        print(f"API key (generated, as nothing but loopback was asked for): {generated_key}", flush=True)
+        why = "an existing cluster's proxy may listen beyond loopback" if address else f"host {cfg.host} is not loopback"
+        print(f"API key (generated, as {why}): {generated_key}", flush=True)
     cluster = address or ray.get_runtime_context().gcs_address
     print(f"status: rayft serve --status --address {cluster}", flush=True)
     if address:
@@ -129,6 +128,15 @@ def serve_model(cfg, address: str | None) -> int:
               f"`rayft serve --stop {cfg.app_name} --address {address}`")
         return 0
     return _serve_until_stopped()
+
+
+def ensure_api_key(cfg, address: str | None) -> str:
+    """Set a generated key on `cfg` when it has none and needs one; returns that key ("" when
+    none was generated)."""
+    if cfg.resolved_api_key() or not cfg.key_required(existing_cluster=address is not None):
+        return ""
+    cfg.api_key = secrets.token_urlsafe(24)
+    return cfg.api_key
 
 
 def _serve_until_stopped() -> int:

@@ -11,13 +11,14 @@ import time
 from pathlib import Path
 
 from cluster.config import JobConfig, dump_yaml, with_absolute_paths
+from cluster.failures import StopOnUserError, clear_errors, raise_failure, worker_entry
 from cluster.progress import MetricsProgress
 from cluster.ray_env import cluster_has_gpus, ensure_ray
 from cluster.report import write_report
+from cluster.resume import check_resume
 from cluster.rl import actor_cpus, rollout_services, summarise_rl
 from trainers.batching import plan_steps
 from trainers.data import build_datasets
-from trainers.errors import UserError, WorkerError
 from trainers.loop import method_worker
 from trainers.metrics import read_metrics
 from trainers.models import load_tokenizer
@@ -33,7 +34,7 @@ def run_training(config: JobConfig, echo=print) -> dict:
     # Method-specific checks and encoding fail here, on the driver, not in a worker.
     method_kwargs = spec.prepare(config, datasets, tokenizer) if spec.prepare else {}
     _echo_data(datasets.stats, echo)
-    _check_resume(config, run_dir, echo)
+    check_resume(config, run_dir, echo)  # before config.yaml is rewritten below
     batch, accum = config.train.batch_size, config.train.grad_accum
     if config.uses_rollouts:
         batch, accum = config.algo.prompts_per_step, 1
@@ -69,22 +70,20 @@ def run_training(config: JobConfig, echo=print) -> dict:
 
 
 def _trainer(config: JobConfig, run_dir: Path, entry, loop_config: dict, use_gpu: bool):
-    import shutil
-
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    shutil.rmtree(run_dir / WORKER_ERRORS, ignore_errors=True)  # an earlier run's
-    (run_dir / ERROR_FILE).unlink(missing_ok=True)
+    clear_errors(run_dir)  # an earlier run's
     cluster = config.cluster
     return TorchTrainer(
-        _worker,
+        worker_entry,
         train_loop_config=loop_config | {"entry": entry},
         scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cluster.cpus_per_worker},
                                      placement_strategy=cluster.placement.upper()),
         run_config=RunConfig(name="checkpoints", storage_path=str(run_dir),
                              failure_config=FailureConfig(max_failures=cluster.max_failures),
+                             callbacks=[StopOnUserError()],  # a user error fails alike on every retry
                              checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints)),
     )
 
@@ -113,82 +112,16 @@ def summarise(config: JobConfig, run_dir: Path, wall_s: float, data_stats: dict,
     }
 
 
-def _check_resume(config: JobConfig, run_dir: Path, echo) -> None:
-    checkpoints = sorted((run_dir / "checkpoints").glob("step_*/COMPLETE"))
-    if not checkpoints:
-        return
-    if config.train.resume == "never":
-        raise UserError(f"{run_dir} already has checkpoints; choose another name, remove it, "
-                        "or set train.resume=auto to continue it")
-    echo(f"resuming from {checkpoints[-1].parent.name} in {run_dir}")
-
-
 def _fit(trainer, run_dir: Path, total_steps: int):
-    """trainer.fit() under a progress bar. A worker's UserError is raised as the UserError
-    it was; any other failure as a WorkerError with the original type and message, the
-    full traceback of every failed worker written to run_dir/error.txt."""
+    """trainer.fit() under a progress bar; a failure raised as `cluster.failures` says."""
+    from ray.train import ControllerError
     from ray.train.v2.api.exceptions import WorkerGroupError
 
     try:
         with MetricsProgress(run_dir / "metrics.jsonl", total_steps, desc=run_dir.name):
             return trainer.fit()
-    except WorkerGroupError as exc:
-        failures = {rank: _original(error) for rank, error in sorted(exc.worker_failures.items())}
-        for error in failures.values():
-            if isinstance(error, UserError):
-                raise error from None
-        if not failures:
-            raise
-        path = run_dir / ERROR_FILE
-        path.write_text("\n".join(f"=== worker {rank}: {type(error).__name__}\n{_traceback(run_dir, rank, error)}"
-                                  for rank, error in failures.items()), encoding="utf-8")
-        rank, error = next(iter(failures.items()))
-        raise WorkerError(rank, type(error).__name__, str(error), path) from None
-
-
-ERROR_FILE = "error.txt"
-WORKER_ERRORS = ".worker_errors"  # each failed worker's traceback, gathered into error.txt
-
-
-def _worker(loop_config: dict) -> None:
-    """Every worker's entry point: the method's loop (`loop_config["entry"]`), with the
-    full traceback of a failure written to the run directory (Ray passes on only the
-    exception, and cuts the traceback text it shows)."""
-    import traceback
-
-    import ray.train
-
-    try:
-        loop_config["entry"](loop_config)
-    except Exception:
-        rank = ray.train.get_context().get_world_rank()
-        directory = Path(loop_config["job"].run_dir) / WORKER_ERRORS
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / f"rank_{rank}.txt").write_text(traceback.format_exc(), encoding="utf-8")
-        raise
-
-
-def _original(error: BaseException) -> BaseException:
-    """The exception a worker's code raised: a UserError anywhere in the chain, else the
-    innermost cause (through Ray's RayTaskError of a failed actor call)."""
-    from ray.exceptions import RayTaskError
-
-    seen = set()
-    while id(error) not in seen and not isinstance(error, UserError):
-        seen.add(id(error))
-        inner = error.cause if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException) else None
-        inner = inner or error.__cause__
-        if inner is None:
-            break
-        error = inner
-    return error
-
-
-def _traceback(run_dir: Path, rank: int, error: BaseException) -> str:
-    written = run_dir / WORKER_ERRORS / f"rank_{rank}.txt"
-    if written.is_file():
-        return written.read_text(encoding="utf-8")
-    return f"{type(error).__name__}: {error}\n(no traceback: the worker process ended before writing one)\n"
+    except (WorkerGroupError, ControllerError) as exc:
+        raise_failure(exc, run_dir)
 
 
 def _echo_data(stats: dict, echo) -> None:

@@ -33,8 +33,9 @@ class ServeConfig:
     model_id: str = opt("", "Name clients pass as `model` for the base; default: the model directory's name.")
     adapters: dict[str, str] = opt(dict, "LoRA adapters over the base, name: directory (adapter or run); clients select "
                                "one as `model: <model_id>:<name>`.")
-    host: str = opt("127.0.0.1", "Address the HTTP proxy binds; anything but loopback needs an API key "
-                                 "(one is generated when none is given).")
+    host: str = opt("127.0.0.1", "Address the HTTP proxy binds; anything but loopback, and any deployment to "
+                                 "an existing cluster (--address), needs an API key (one is generated and "
+                                 "printed when none is given).")
     port: int = opt(8000, "HTTP port.")
     app_name: str = opt("rayft", "Serve application name (several can share a cluster).")
     route_prefix: str = opt("/", "URL prefix of the application.")
@@ -90,6 +91,12 @@ class ServeConfig:
     def resolved_api_key(self) -> str:
         """The key from the config, else the environment; empty means no key."""
         return self.api_key or os.environ.get(API_KEY_ENV, "")
+
+    def key_required(self, existing_cluster: bool) -> bool:
+        """Whether serving without a key could be reached from other machines: a proxy bound
+        beyond loopback, or any deployment to an existing cluster (`--address`), whose HTTP
+        proxy may already listen on every interface whatever `host` says here."""
+        return existing_cluster or not is_loopback(self.host)
 
 
 def is_loopback(host: str) -> bool:

@@ -197,6 +197,9 @@ class TrainConfig:
     resume: Literal["auto", "never"] = opt(
         "auto", "auto: re-running on an existing run directory resumes from its last complete "
                 "checkpoint; never: refuse to reuse a run directory that has checkpoints.")
+    resume_changed: bool = opt(
+        False, "Resume even though the config differs from the run's config.yaml in a key that changes the "
+               "data, the model or the step plan (resuming refuses that otherwise, naming the keys).")
 
     def validate(self, section: str) -> None:
         for key in ("batch_size", "grad_accum", "log_every"):

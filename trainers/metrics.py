@@ -1,21 +1,34 @@
 """The run's metrics log (one JSON object per logged step in metrics.jsonl, written by
 rank 0 only; on resume, rows past the restored step are dropped so the log reads as one
-uninterrupted run) and the metric formulas that training and `rayft eval` share."""
+uninterrupted run) and the metric formulas that training and `rayft eval` share.
+
+A process killed mid-write (or a full disk) can leave the last line cut short: readers
+drop that line with a warning naming the file and line, and a resumed run rewrites the
+log without it. A bad line anywhere else is damage, not an interrupted append, and stays
+an error naming the file and line.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import warnings
 from pathlib import Path
+
+from trainers.errors import DataError
+
+
+class TruncatedMetricsWarning(UserWarning):
+    """The last line of a metrics log was cut short and is left out."""
 
 
 class MetricsLog:
     def __init__(self, path: Path, enabled: bool, resume_step: int = 0):
         self.path, self.enabled = Path(path), enabled
         if enabled and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [json.dumps(row) for row in parse_rows(self.path, self.path.read_text())
+                    if row.get("step", 0) <= resume_step]
             # A new file replaces the old one whole, so a reader never sees it half-rewritten.
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
@@ -40,7 +53,29 @@ def read_metrics(path: Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return parse_rows(path, path.read_text())
+
+
+def parse_rows(path: Path, text: str) -> list[dict]:
+    """The rows of a metrics log's `text`; see the module docstring for a bad line."""
+    lines = text.splitlines()
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if n == last:
+                warnings.warn(f"{path}:{n}: the last line is cut short ({exc.msg}); left out",
+                              TruncatedMetricsWarning, stacklevel=3)
+                break
+            raise DataError(path, n, f"not a JSON metrics row ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(path, n, "not a JSON object")
+        rows.append(row)
+    return rows
 
 
 def f1_from_counts(tp: float, fp: float, fn: float) -> float:

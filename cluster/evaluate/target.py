@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from trainers.errors import UserError
+from trainers.kept_dir import recover_dir
 
 CAUSAL_LM, CLASSIFIER, REWARD_MODEL = "causal_lm", "classifier", "reward_model"
 # peft methods that add virtual tokens instead of changing weights: nothing to merge.
@@ -51,6 +52,8 @@ def inspect_model(path: str | Path) -> ModelDir:
         raise UserError(f"{p}: not found (give a run directory or a model directory)")
     if not p.is_dir():
         raise UserError(f"{p}: not a directory (give a run directory or a model directory)")
+    if not _is_model_dir(p):
+        recover_dir(p / "final")  # a save cut short between its renames: the old final/ goes back
     if not _is_model_dir(p) and (p / "final").is_dir():
         p = p / "final"
     if (p / "adapter_config.json").is_file():

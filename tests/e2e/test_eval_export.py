@@ -63,13 +63,25 @@ def eval_json(ws, target, *extra):
 
 
 def test_eval_full_model(ws):
+    import math
+
+    from trainers.models import load_tokenizer
+
     report = eval_json(ws, "models/tiny", "--out", "out/samples.jsonl", "--batch-size", "16")
-    assert report["task"] == "causal_lm" and report["samples"] == 16 and report["tokens"] > 0
-    assert report["loss"] > 0 and report["perplexity"] == pytest.approx(torch.tensor(report["loss"]).exp().item())
-    assert 0.0 <= report["exact_match"] <= 1.0 and report["exact_match_samples"] == 16
     samples = [json.loads(line) for line in (ws / "out/samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 16
+    assert len(samples) == 16 and report["task"] == "causal_lm" and report["samples"] == 16
     assert {"prompt", "reference", "generation", "correct", "loss"} <= samples[0].keys()
+    # The report's loss is the per-token mean over the rows' own losses...
+    assert report["tokens"] == sum(s["tokens"] for s in samples) and min(s["tokens"] for s in samples) >= 1
+    per_token = sum(s["loss"] * s["tokens"] for s in samples) / report["tokens"]
+    assert report["loss"] == pytest.approx(per_token, rel=1e-4)
+    assert report["perplexity"] == pytest.approx(math.exp(report["loss"]), rel=1e-6)
+    # ...and a random model is about uniform over its vocabulary: loss ~ ln(vocab size).
+    assert abs(report["loss"] - math.log(len(load_tokenizer(ws / "models/tiny")))) < 1.0, report["loss"]
+    # Exact match: each row's generation against its reference, and their mean.
+    assert all(s["correct"] == (s["generation"].strip() == s["reference"].strip()) for s in samples)
+    assert report["exact_match_samples"] == 16
+    assert report["exact_match"] == sum(s["correct"] for s in samples) / 16
 
 
 def test_export_merge_lora_equals_adapter(ws):
@@ -101,6 +113,43 @@ def test_export_merge_lora_equals_adapter(ws):
     assert_one_line_error(again, "not empty", "--force")
 
 
+def _snapshot(root: Path) -> dict:
+    """Every file under `root` with its content hash, and every folder: what a refused
+    export must leave exactly as it was."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("out", ["runs/lora", "runs", "runs/lora/final", "runs/lora/final/sub", "runs/lora/exported",
+                                 "models/tiny", "models", "link-to-run", "runs/lora/final.old"])
+def test_export_never_writes_over_what_it_reads(ws, out):
+    """An --out that is, holds or lies inside the model, the run named, or the adapter's
+    base (also through a symlink) is refused with --force too, before anything is touched."""
+    run = ws / "runs/lora"
+    (run / "checkpoints/step_00000010").mkdir(parents=True, exist_ok=True)
+    (run / "checkpoints/step_00000010/trainable.safetensors").write_bytes(b"weights")
+    (run / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n')
+    if not (ws / "link-to-run").exists():
+        (ws / "link-to-run").symlink_to(run)
+    before = _snapshot(ws)
+    proc = rayft("export", "runs/lora", "--out", out, "--force", cwd=ws, check=False)
+    assert_one_line_error(proc, f"--out {out}", "choose an --out outside it")
+    assert _snapshot(ws) == before
+
+
+def test_export_with_force_replaces_an_old_export_whole(ws):
+    rayft("export", "runs/lora", "--out", "exported/adapter", cwd=ws)
+    (ws / "exported/adapter/stale.txt").write_text("from an older export")
+    rayft("export", "runs/lora", "--out", "exported/adapter", "--force", cwd=ws)
+    adapter = ws / "exported/adapter"
+    assert not (adapter / "stale.txt").exists()
+    assert (adapter / "adapter_model.safetensors").read_bytes() == (
+        ws / "runs/lora/final/adapter_model.safetensors").read_bytes()
+    assert sorted(p.name for p in adapter.parent.iterdir() if p.name.startswith("adapter")) == ["adapter"]
+
+
 def test_missing_path_exits_2_with_one_line(ws):
     assert_one_line_error(rayft("eval", "runs/nope", "--data", "data/addition.jsonl", cwd=ws, check=False),
                           "runs/nope", "not found")
@@ -125,9 +174,25 @@ def test_eval_classifier_accuracy_f1_and_unknown_label(ws):
     table = rayft("eval", "models/cls", "--data", "data/reviews.jsonl", cwd=ws).stdout
     fields = dict(line.split("  ", 1) for line in table.splitlines())
     assert fields["task"].strip() == "classifier" and "5 rows" in fields["data"]
-    for name in ("accuracy", "macro F1"):
-        assert 0.0 <= float(fields[name]) <= 1.0
-    assert {name for name in fields if name.startswith("F1 ")} <= {"F1 negative", "F1 positive"}
+    # The same numbers by hand: direct forward passes (the head reads the last token, eos).
+    tokenizer = load_tokenizer(ws / "models/cls")
+    model = LlamaForSequenceClassification.from_pretrained(ws / "models/cls").eval()
+    gold = [labels[lab] if isinstance(lab, int) else lab for _, lab in rows]
+    with torch.no_grad():
+        predicted = [labels[model(input_ids=torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"]
+                                                          + [tokenizer.eos_token_id]])).logits.argmax(-1).item()]
+                     for t, _ in rows]
+    f1 = {}
+    for name in labels.values():
+        tp = sum(g == p == name for g, p in zip(gold, predicted))
+        fp = sum(p == name != g for g, p in zip(gold, predicted))
+        fn = sum(g == name != p for g, p in zip(gold, predicted))
+        if tp + fp + fn:
+            f1[name] = 2 * tp / (2 * tp + fp + fn)
+    accuracy = sum(g == p for g, p in zip(gold, predicted)) / len(rows)
+    assert float(fields["accuracy"].split()[0]) == pytest.approx(accuracy, abs=1e-4)
+    assert float(fields["macro F1"].split()[0]) == pytest.approx(sum(f1.values()) / len(f1), abs=1e-4)
+    assert {name for name in fields if name.startswith("F1 ")} == {f"F1 {name}" for name in f1}
 
     bad = [{"text": "ok", "label": "positive"}, {"text": "meh", "label": "neutral"}]
     (ws / "data/bad_reviews.jsonl").write_text("".join(json.dumps(row) + "\n" for row in bad))

@@ -66,6 +66,7 @@ def wait_idle(timeout_s: float = 30.0) -> None:
 def train(workdir: Path, model_dir: Path, data: Path, address: str, placement: str, steps: int) -> dict:
     from cluster.config import load_config
     from cluster.train import run_training
+    from trainers.checkpoint import checkpoint_complete
 
     wait_idle()
     before = set(actor_nodes(TRAIN_WORKER_CLASS))
@@ -84,7 +85,7 @@ def train(workdir: Path, model_dir: Path, data: Path, address: str, placement: s
         "steps": summary["steps"],
         "worker_nodes": sorted(workers.values()),
         "run_dir": str(run_dir),
-        "checkpoints": sorted(p.parent.name for p in (run_dir / "checkpoints").glob("step_*/COMPLETE")),
+        "checkpoints": sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if checkpoint_complete(p) is None),
         "final": sorted(p.name for p in (run_dir / "final").iterdir()) if (run_dir / "final").is_dir() else [],
         "summary_checkpoint": summary["checkpoint"],
     }

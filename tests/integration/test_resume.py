@@ -1,8 +1,11 @@
 """Exact resume: a SIGKILLed training worker process is replaced and the run continues
-from the last complete checkpoint; re-running a finished config on its run directory
-continues it; gradient accumulation and worker count do not change the update."""
+from the last complete checkpoint with the same losses, dropout on; re-running a finished
+run continues it only with its own step plan unless told otherwise; gradient accumulation
+and worker count do not change the update."""
 
 import json
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -24,12 +27,23 @@ def _metrics(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_model_dir, addition_data, tmp_path):
-    steps = ["train.max_steps=40", "train.save_every=10", "cluster.max_failures=2"]
-    plain = _config(tmp_path, tiny_model_dir, addition_data, "plain", *steps)
+@pytest.fixture(scope="module")
+def dropout_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with attention dropout on: every training step draws from each
+    worker's RNG, so a resume that did not restore it would train on other masks."""
+    out = tmp_path_factory.mktemp("models") / "tiny-dropout"
+    shutil.copytree(tiny_model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(config | {"attention_dropout": 0.3}))
+    return out
+
+
+def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, dropout_model_dir, addition_data, tmp_path):
+    steps = ["train.max_steps=40", "train.save_every=10"]  # the default cluster.max_failures (2) restarts it
+    plain = _config(tmp_path, dropout_model_dir, addition_data, "plain", *steps)
     run_training(plain, echo=lambda *_: None)
 
-    crash = _config(tmp_path, tiny_model_dir, addition_data, "crash", *steps)
+    crash = _config(tmp_path, dropout_model_dir, addition_data, "crash", *steps)
     with kill_a_worker_after_checkpoint(crash.run_dir, 10) as killed:
         summary = run_training(crash, echo=lambda *_: None)
     assert killed, "no worker was killed"
@@ -41,14 +55,33 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tiny_model_dir,
     assert summary["steps"] == 40
     plain_rows = {r["step"]: r for r in _metrics(plain.run_dir) if "loss" in r}
     crash_rows = {r["step"]: r for r in rows if "loss" in r}
-    assert crash_rows[40]["loss"] == pytest.approx(plain_rows[40]["loss"], rel=1e-3)
-    assert crash_rows[40]["eval_loss"] == pytest.approx(plain_rows[40]["eval_loss"], rel=1e-3)
+    # Every step after the resume trained on the same batches with the same dropout masks.
+    for step in range(resumes[0]["step"] + 1, 41):
+        assert crash_rows[step]["loss"] == pytest.approx(plain_rows[step]["loss"], rel=1e-5), step
+    assert crash_rows[40]["eval_loss"] == pytest.approx(plain_rows[40]["eval_loss"], rel=1e-5)
+    # Other dropout masks move a step's loss by ten times that tolerance even at the random
+    # start (and the runs' weights drift further apart with every step on other masks).
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(dropout_model_dir)).train()
+    ids = torch.randint(0, 500, (8, 32), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            losses.append(model(input_ids=ids, labels=ids).loss.item())
+    assert abs(losses[0] - losses[1]) > 1e-4 * losses[0], losses
 
 
 def test_rerun_continues_and_never_refuses(ray_cluster, tiny_model_dir, addition_data, tmp_path):
     first = _config(tmp_path, tiny_model_dir, addition_data, "again", "train.max_steps=10", "train.save_every=5")
     run_training(first, echo=lambda *_: None)
     longer = _config(tmp_path, tiny_model_dir, addition_data, "again", "train.max_steps=20", "train.save_every=5")
+    with pytest.raises(UserError, match=r"train.max_steps: 10 -> 20.*train.resume_changed=true"):
+        run_training(longer, echo=lambda *_: None)  # another step plan (and lr schedule): refused
+    assert "max_steps: 10" in (longer.run_dir / "config.yaml").read_text()  # kept as the run was
+    longer = _config(tmp_path, tiny_model_dir, addition_data, "again", "train.max_steps=20", "train.save_every=5",
+                     "train.resume_changed=true")
     summary = run_training(longer, echo=lambda *_: None)
     assert summary["steps"] == 20
     assert [r["step"] for r in _metrics(longer.run_dir) if r.get("event") == "resume"] == [10]

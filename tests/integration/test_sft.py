@@ -7,6 +7,7 @@ import torch
 
 from cluster.config import load_config
 from cluster.train import run_training
+from trainers.checkpoint import checkpoint_complete
 
 
 def _config(tmp_path, model_dir, data, name, *extra):
@@ -20,11 +21,17 @@ def _config(tmp_path, model_dir, data, name, *extra):
 def _assert_run_dir(run_dir):
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "report.html", "final"):
         assert (run_dir / name).exists(), name
-    assert list((run_dir / "checkpoints").glob("step_*/COMPLETE"))
+    assert [p.name for p in sorted((run_dir / "checkpoints").glob("step_*")) if checkpoint_complete(p) is None] == [
+        "step_00000015", "step_00000030"]
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == list(range(1, 31))
-    assert all(r["tokens_per_s"] > 0 and r["step_s"] > 0 for r in rows if "loss" in r)
+    # Logged every step: tokens_per_s * step_s is the step's token count, 16 rows (8 per
+    # worker) of 1..48 tokens; and the steps took no longer than the whole run.
+    per_step = [r["tokens_per_s"] * r["step_s"] for r in rows if "loss" in r]
+    assert all(16 <= n <= 16 * 48 for n in per_step), per_step
+    wall = json.loads((run_dir / "summary.json").read_text())["wall_time_s"]
+    assert sum(r["step_s"] for r in rows if "loss" in r) < wall
     # Each worker's peak memory: at least the Python runtime with torch loaded (> 100 MiB).
     (memory,) = [r for r in rows if r.get("event") == "memory"]
     assert memory["step"] == 30 and len(memory["peak_rss_mb"]) == 2 and min(memory["peak_rss_mb"]) > 100

@@ -157,3 +157,69 @@ def test_every_config_key_is_read_somewhere():
     dead = [key for key, _, _ in field_help(JobConfig)
             if key not in handled_elsewhere and not re.search(rf"\.{key.rsplit('.', 1)[-1]}\b", code)]
     assert dead == []
+
+
+# --- resuming a run directory: only with the config it was started with ------------------
+
+def _run_with_checkpoint(tmp_path, *overrides):
+    """A run directory as a finished run leaves it: config.yaml and a complete checkpoint."""
+    from trainers.checkpoint import STATE_FILE, write_rank_marker
+
+    cfg = load_config(None, BASE + [f"output_dir={tmp_path}", *overrides], default_name="run")
+    cfg.run_dir.mkdir(parents=True)
+    dump_yaml(cfg, cfg.run_dir / "config.yaml")
+    step = cfg.run_dir / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    (step / STATE_FILE).write_text('{"step": 10, "world_size": 1}')
+    write_rank_marker(step, 0)
+    return cfg
+
+
+def test_resume_with_the_same_or_harmlessly_changed_config_goes_ahead(tmp_path):
+    from cluster.resume import check_resume
+
+    cfg = _run_with_checkpoint(tmp_path, "train.max_steps=10")
+    said = []
+    same = load_config(None, BASE + [f"output_dir={tmp_path}", "train.max_steps=10", "train.log_every=5",
+                                     "train.save_every=2", "cluster.max_failures=5", "cluster.address=auto"],
+                       default_name="run")
+    check_resume(same, cfg.run_dir, said.append)
+    assert said == [f"resuming from step_00000010 in {cfg.run_dir}"]
+
+
+def test_resume_with_a_changed_plan_is_refused_naming_every_key(tmp_path):
+    from cluster.resume import check_resume
+
+    cfg = _run_with_checkpoint(tmp_path, "train.max_steps=10")
+    before = (cfg.run_dir / "config.yaml").read_text()
+    changed = load_config(None, BASE + [f"output_dir={tmp_path}", "train.max_steps=20", "train.lr=1e-3",
+                                        "peft.method=lora", "cluster.num_workers=4", "data.max_length=64"],
+                          default_name="run")
+    with pytest.raises(UserError) as err:
+        check_resume(changed, cfg.run_dir, lambda *_: None)
+    message = str(err.value)
+    for key, old, new in [("train.max_steps", 10, 20), ("train.lr", 0.0002, 0.001), ("peft.method", "'none'", "'lora'"),
+                          ("cluster.num_workers", 2, 4), ("data.max_length", cfg.data.max_length, 64)]:
+        assert f"{key}: {old} -> {new}" in message, key
+    assert "train.resume_changed=true" in message and "\n" not in message
+    assert (cfg.run_dir / "config.yaml").read_text() == before
+
+    said = []
+    changed.train.resume_changed = True
+    check_resume(changed, cfg.run_dir, said.append)
+    assert "train.max_steps" in said[0] and said[1].startswith("resuming from step_00000010")
+
+
+def test_resume_ignores_incomplete_checkpoints_and_never_refuses(tmp_path):
+    from cluster.resume import check_resume, latest_complete_checkpoint
+
+    cfg = _run_with_checkpoint(tmp_path)
+    newer = cfg.run_dir / "checkpoints" / "step_00000020"
+    newer.mkdir()
+    (newer / "trainer_state.json").write_text('{"step": 20, "world_size": 2}')  # rank 1 never finished
+    assert latest_complete_checkpoint(cfg.run_dir).name == "step_00000010"
+    never = load_config(None, BASE + [f"output_dir={tmp_path}", "train.resume=never"], default_name="run")
+    with pytest.raises(UserError, match="already has checkpoints"):
+        check_resume(never, cfg.run_dir, lambda *_: None)
+    fresh = load_config(None, BASE + [f"output_dir={tmp_path}", "name=other", "train.max_steps=99"])
+    check_resume(fresh, fresh.run_dir, lambda *_: pytest.fail("nothing to resume"))

@@ -255,7 +255,9 @@ def test_loss_matches_transformers_and_generation_is_batch_invariant(tiny_model_
     assert generate(model, tokenizer, prompts, 5, "cpu") == [generate(model, tokenizer, [p], 5, "cpu")[0]
                                                               for p in prompts]
     assert [s["generation"] for s in samples] == generate(model, tokenizer, prompts, 3, "cpu")
-    assert 0.0 <= report["exact_match"] <= 1.0 and "exact match" in format_report(report)
+    expected = [s["generation"].strip() == ref for s, ref in zip(samples, ["42", "cba"])]
+    assert [s["correct"] for s in samples] == expected and report["exact_match"] == sum(expected) / 2
+    assert f"{report['exact_match']:.4f}  ({sum(expected)} of 2 rows" in format_report(report)
 
 
 def test_reward_model_scores_unscored_rows_like_a_forward_pass_and_exports(tiny_model_dir, tmp_path):

@@ -163,3 +163,21 @@ def test_submit_bad_config_exits_2(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(_workspace(tmp_path))
     assert main(["submit", "job.yaml", "train.lr=fast", "--address", "http://127.0.0.1:1"]) == 2
     assert "train.lr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["../../sft", "a/b", "/abs", ".hidden", "-flag", "", "x" * 101, "job id"])
+def test_submission_id_that_could_name_a_path_is_refused(tmp_path, monkeypatch, capsys, bad):
+    with pytest.raises(UserError, match="--submission-id"):
+        parts.submission_id("sft", given=bad)
+    ws = _workspace(tmp_path)
+    monkeypatch.chdir(ws)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    rc = main(["submit", "job.yaml", f"--submission-id={bad}", "--address", "http://127.0.0.1:1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--submission-id" in err[0]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing staged anywhere
+
+
+def test_given_submission_id_is_kept():
+    assert parts.submission_id("sft", given="team.sft-2_v1") == "team.sft-2_v1"
+    assert parts.submission_id("my run/x", suffix="0a1b2c3d").startswith("rayft-my-run-x-")

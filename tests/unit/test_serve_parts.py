@@ -166,3 +166,22 @@ def test_engine_error_messages_are_unwrapped_and_name_the_parameter():
                     "code": None}
     too_long = json.loads(client_error(400, "This model's maximum context length is 256 tokens.").body)["error"]
     assert too_long["code"] == "context_length_exceeded"
+
+
+def test_a_deployment_to_an_existing_cluster_always_gets_a_key(monkeypatch):
+    from cluster.serve import ensure_api_key
+
+    monkeypatch.delenv("RAYFT_API_KEY", raising=False)
+    local = ServeConfig(model="m", host="127.0.0.1")
+    assert ensure_api_key(local, None) == "" and local.api_key == ""  # own proxy on loopback: no key
+    for address in ("auto", "ray://head:10001"):
+        deployed = ServeConfig(model="m", host="127.0.0.1")
+        key = ensure_api_key(deployed, address)
+        assert len(key) >= 32 and deployed.api_key == key  # loopback host or not
+    exposed = ServeConfig(model="m", host="0.0.0.0")
+    assert ensure_api_key(exposed, None) == exposed.api_key != ""
+    own = ServeConfig(model="m", api_key="mine")
+    assert ensure_api_key(own, "auto") == "" and own.api_key == "mine"  # a given key is kept
+    monkeypatch.setenv("RAYFT_API_KEY", "from-env")
+    from_env = ServeConfig(model="m")
+    assert ensure_api_key(from_env, "auto") == "" and from_env.resolved_api_key() == "from-env"
