@@ -23,6 +23,8 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, verbos
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
+        if address == "local":
+            address = None
         kwargs = dict(log_to_driver=verbose or bool(os.environ.get("RAYFT_VERBOSE")),
                       configure_logging=True, logging_level="WARNING")
         env = {"env_vars": {k: os.environ[k] for k in (*_WORKER_ENV, "DS_ACCELERATOR") if k in os.environ}}
@@ -31,8 +33,10 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, verbos
             ray.init(address=address, runtime_env=env, **kwargs)
         else:
             cpus = max(os.cpu_count() or 1, math.ceil(num_cpus or 0))
+            # "local": a cluster of our own, even where another one runs on this machine
+            # (a bare ray.init() would join that one).
             with ray_compat.loopback_node():
-                ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, **kwargs)
+                ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env, **kwargs)
     return ray.cluster_resources()
 
 
