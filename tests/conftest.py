@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller looks at its workers every 2 s by default, so a finished or failed
+# run is noticed up to 2 s late; the suite runs dozens of short runs.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+
 def adapter_reference(job) -> bool:
     """Whether the reference is the policy with its adapter disabled (else a frozen copy)."""
     choice = job.model.reference
