@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny model and tokenizer built in-process (no network, no hub)."""
+"""Shared fixtures: one real local Ray cluster for the session, and a tiny model and
+tokenizer built in-process (no network, no hub)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,22 @@ def tiny_base_dir(tmp_path_factory):
     from trainers.models import build_model
 
     return build_model("tiny", tmp_path_factory.mktemp("models") / "tiny-base", pretrain_steps=150)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray cluster for the whole session: the integration tests drive it from
+    this process, and e2e runs that need no cluster of their own join it (`ray_address`)."""
+    import ray
+
+    from cluster.ray_env import ensure_ray
+
+    ensure_ray(num_cpus=4)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_cluster) -> str:
+    """The session cluster's address, for a `rayft` subprocess's RAY_ADDRESS."""
+    return ray_cluster.get_runtime_context().gcs_address

@@ -1,23 +1,10 @@
 """The CLI as a user runs it: real subprocesses, exit codes and one-line errors."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def rayft(*args, cwd=None, check=True):
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", *map(str, args)], cwd=cwd or ROOT,
-                          capture_output=True, text=True, env=env, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"rayft {args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
+from tests.e2e.cli import ROOT, rayft
 
 
 @pytest.fixture(scope="module")

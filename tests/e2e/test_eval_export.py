@@ -4,32 +4,12 @@ models (a full one-output classifier and a SEQ_CLS LoRA run) checked against rew
 computed here by direct forward passes."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def rayft(*args, cwd, check=True):
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, env=env, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"rayft {args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("rayft: error:"), proc.stderr
-    for needle in needles:
-        assert needle in lines[0]
+from tests.e2e.cli import ROOT, assert_one_line_error, rayft
 
 
 @pytest.fixture(scope="module")

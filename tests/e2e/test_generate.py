@@ -1,16 +1,18 @@
-"""`rayft generate` as a user runs it: every prompt answered, best-of-n by a reward."""
+"""`rayft generate` as a user runs it: every prompt answered, best-of-n by a reward. The runs
+join the session's Ray cluster (as `rayft generate` on a cluster's head node would)
+instead of starting one each."""
 
 import json
 
-from tests.e2e.test_cli import rayft
+from tests.e2e.cli import rayft
 
 
-def test_generate_best_of_n_with_a_rule_reward(tmp_path):
+def test_generate_best_of_n_with_a_rule_reward(tmp_path, ray_address):
     rayft("init-model", "--preset", "tiny", "--out", tmp_path / "model")
     rayft("data", "synth", "--task", "addition", "--n", "6", "--out", tmp_path / "prompts.jsonl")
     proc = rayft("generate", tmp_path / "model", "--prompts", tmp_path / "prompts.jsonl", "--out",
                  tmp_path / "out.jsonl", "--engine", "hf", "--n", "3", "--max-new-tokens", "6",
-                 "--reward", "length_penalty", "--reward", "exact_match=2")
+                 "--reward", "length_penalty", "--reward", "exact_match=2", env={"RAY_ADDRESS": ray_address})
     assert "tokens/s" in proc.stdout
     rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(len(r["responses"]) == 3 for r in rows)

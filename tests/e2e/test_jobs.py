@@ -20,7 +20,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.e2e.test_cli import rayft
+from tests.e2e.cli import rayft
 
 CONFIG = {
     "method": "sft", "name": "sft", "model": {"path": "models/tiny"},

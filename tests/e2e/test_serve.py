@@ -20,7 +20,7 @@ import openai
 import pytest
 import torch
 
-from tests.e2e.test_cli import ROOT, rayft
+from tests.e2e.cli import ROOT, rayft
 
 KEY = "test-key-0123"
 PROMPTS = ["1 + 2 =", "The answer is", "Reverse: abc ->", "hello"]

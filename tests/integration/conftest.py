@@ -1,17 +1,6 @@
-"""Integration fixtures: one real local Ray cluster per test session."""
+"""Integration fixtures (the session's Ray cluster, `ray_cluster`, is in tests/conftest.py)."""
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    import ray
-
-    from cluster.ray_env import ensure_ray
-
-    ensure_ray(num_cpus=4)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

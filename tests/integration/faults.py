@@ -4,14 +4,16 @@ descendants of the test process only (a local `ray.init()` starts its GCS, rayle
 workers as children of the process that called it; a `rayft` subprocess's under that
 subprocess), so Ray clusters of other users on the same machine are never touched."""
 
-import json
 import os
 import signal
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 
 import psutil
+
+from trainers.metrics import TruncatedMetricsWarning, read_metrics
 
 
 def own_pids(title: str, root: int | None = None) -> list[int]:
@@ -32,44 +34,49 @@ def train_worker_pids() -> list[int]:
 
 
 @contextmanager
-def kill_a_worker_after_checkpoint(run_dir, step: int, min_workers: int = 2, timeout_s: float = 300):
-    """While the block runs, kill one training worker as soon as Ray's checkpoint snapshot
-    names `step_<step>`. Yields the list the killed pid is appended to."""
-    killed: list[int] = []
-
+def _watching(poll, timeout_s: float):
+    """Call `poll()` every 50 ms in a background thread while the block runs, until it
+    returns True or `timeout_s` has passed."""
     def watch():
         deadline = time.time() + timeout_s
-        while time.time() < deadline and not killed:
-            # Ray registers a checkpoint (records it in its snapshot) after every worker
-            # reported it; only then is it the one a restart resumes from.
-            snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
-            if snapshot.exists() and f"step_{step:08d}" in snapshot.read_text():
-                pids = train_worker_pids()
-                if len(pids) >= min_workers:
-                    os.kill(max(pids), signal.SIGKILL)
-                    killed.append(max(pids))
+        while time.time() < deadline and not poll():
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        yield killed
+        yield
     finally:
         watcher.join(timeout=5)
 
 
+@contextmanager
+def kill_a_worker_after_checkpoint(run_dir, step: int, min_workers: int = 2, timeout_s: float = 300):
+    """While the block runs, kill one training worker as soon as Ray's checkpoint snapshot
+    names `step_<step>`. Yields the list the killed pid is appended to."""
+    killed: list[int] = []
+
+    def poll() -> bool:
+        # Ray registers a checkpoint (records it in its snapshot) after every worker
+        # reported it; only then is it the one a restart resumes from.
+        snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
+        if snapshot.exists() and f"step_{step:08d}" in snapshot.read_text():
+            pids = train_worker_pids()
+            if len(pids) >= min_workers:
+                os.kill(max(pids), signal.SIGKILL)
+                killed.append(max(pids))
+        return bool(killed)
+
+    with _watching(poll, timeout_s):
+        yield killed
+
+
 def logged_steps(run_dir) -> list[int]:
     """Steps of the training rows metrics.jsonl holds so far (a partial last line skipped)."""
-    path = run_dir / "metrics.jsonl"
-    steps = []
-    for line in (path.read_text().splitlines() if path.exists() else []):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "event" not in row and "step_s" in row:
-            steps.append(row["step"])
-    return steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TruncatedMetricsWarning)  # a line being written now
+        rows = read_metrics(run_dir / "metrics.jsonl")
+    return [row["step"] for row in rows if "event" not in row and "step_s" in row]
 
 
 @contextmanager
@@ -80,24 +87,18 @@ def kill_after_step(run_dir, title: str, step: int, timeout_s: float = 600):
     that title has appeared, `replaced_by`."""
     info: dict = {}
 
-    def watch():
-        deadline = time.time() + timeout_s
-        while time.time() < deadline and "replaced_by" not in info:
-            if "pid" not in info:
-                steps = logged_steps(run_dir)
-                pids = own_pids(title)
-                if steps and max(steps) >= step and pids:
-                    os.kill(max(pids), signal.SIGKILL)
-                    info.update(pid=max(pids), at=max(steps), others=set(pids) - {max(pids)})
-            else:
-                new = set(own_pids(title)) - info["others"] - {info["pid"]}
-                if new:
-                    info["replaced_by"] = max(new)
-            time.sleep(0.1)
+    def poll() -> bool:
+        if "pid" not in info:
+            steps = logged_steps(run_dir)
+            pids = own_pids(title)
+            if steps and max(steps) >= step and pids:
+                os.kill(max(pids), signal.SIGKILL)
+                info.update(pid=max(pids), at=max(steps), others=set(pids) - {max(pids)})
+        else:
+            new = set(own_pids(title)) - info["others"] - {info["pid"]}
+            if new:
+                info["replaced_by"] = max(new)
+        return "replaced_by" in info
 
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
+    with _watching(poll, timeout_s):
         yield info
-    finally:
-        watcher.join(timeout=5)
