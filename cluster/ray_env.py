@@ -4,6 +4,7 @@ on loopback only: nothing on the network can reach its GCS, raylet or workers.""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -30,7 +31,9 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, verbos
         env = {"env_vars": {k: os.environ[k] for k in (*_WORKER_ENV, "DS_ACCELERATOR") if k in os.environ}}
         if address:
             use_token_auth_if_available()
-            ray.init(address=address, runtime_env=env, **kwargs)
+            loopback = ray_compat.joins_loopback_cluster(address)
+            with ray_compat.loopback_node() if loopback else contextlib.nullcontext():
+                ray.init(address=address, runtime_env=env, **kwargs)
         else:
             cpus = max(os.cpu_count() or 1, math.ceil(num_cpus or 0))
             # "local": a cluster of our own, even where another one runs on this machine

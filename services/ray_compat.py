@@ -46,6 +46,30 @@ def loopback_node():
         ray_constants.ENABLE_RAY_CLUSTER = before
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def joins_loopback_cluster(address: str) -> bool:
+    """Whether `address` (host:port) names a cluster on this machine that listens on
+    loopback only, as rayft's embedded cluster does. Ray turns a loopback host into the
+    machine's own address before connecting (where such a cluster does not answer), and
+    its driver then looks for a raylet at that address; so joining one must happen inside
+    `loopback_node()`. A cluster started with `ray start` answers on the machine's address
+    too, and is joined as usual."""
+    import socket
+
+    from ray._private.services import node_ip_address_from_perspective
+
+    host, sep, port = address.rpartition(":")
+    if not sep or host.strip("[]") not in LOOPBACK_HOSTS or not port.isdigit():
+        return False
+    try:
+        with socket.create_connection((node_ip_address_from_perspective(), int(port)), timeout=2):
+            return False  # it answers beyond loopback: a cluster like any other
+    except OSError:
+        return True
+
+
 def actor_table() -> dict[str, dict]:
     """The GCS actor table (actor id -> its record), alive and dead actors alike. The public
     State API (ray.util.state) reads it through the dashboard, which the embedded cluster
