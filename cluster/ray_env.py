@@ -30,10 +30,7 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, verbos
                       configure_logging=True, logging_level="WARNING")
         env = {"env_vars": {k: os.environ[k] for k in (*_WORKER_ENV, "DS_ACCELERATOR") if k in os.environ}}
         if address:
-            use_token_auth_if_available()
-            loopback = ray_compat.joins_loopback_cluster(address)
-            with ray_compat.loopback_node() if loopback else contextlib.nullcontext():
-                ray.init(address=address, runtime_env=env, **kwargs)
+            join_ray(address, runtime_env=env, **kwargs)
         else:
             cpus = max(os.cpu_count() or 1, math.ceil(num_cpus or 0))
             # "local": a cluster of our own, even where another one runs on this machine
@@ -41,6 +38,17 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None, verbos
             with ray_compat.loopback_node():
                 ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env, **kwargs)
     return ray.cluster_resources()
+
+
+def join_ray(address: str, **init_kwargs) -> None:
+    """Join the existing cluster at `address`: with the auth token when this machine has
+    one, and on loopback when the cluster listens there only (an embedded one)."""
+    import ray
+
+    use_token_auth_if_available()
+    loopback = ray_compat.joins_loopback_cluster(address)
+    with ray_compat.loopback_node() if loopback else contextlib.nullcontext():
+        ray.init(address=address, **init_kwargs)
 
 
 def use_token_auth_if_available() -> None:

@@ -218,13 +218,12 @@ def _connect(address: str) -> bool:
     """Join the cluster unless this process already has; True when it joined here."""
     import ray
 
-    from cluster.ray_env import use_token_auth_if_available
+    from cluster.ray_env import join_ray
 
     if ray.is_initialized():
         return False
-    use_token_auth_if_available()
     try:
-        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        join_ray(address, logging_level="WARNING", log_to_driver=False)
     except ConnectionError as exc:
         raise UserError(f"no Ray cluster at '{address}' ({exc}); a `rayft serve` without --address "
                         "runs its own, found with the default --address auto") from None
