@@ -221,7 +221,9 @@ def trial_config(base: dict, values: dict, name: str, output_dir: str):
 
 def _job_config() -> type:
     if TuneConfig.job_config is None:
-        raise RuntimeError("import cluster.config first: it composes the job config the tune space names")
+        # A trial process may not have imported it yet; importing it registers the job
+        # config (here, not at the top, which would be an import cycle).
+        import cluster.config  # noqa: F401
     return TuneConfig.job_config
 
 
