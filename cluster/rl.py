@@ -5,6 +5,7 @@ They live on the driver so a restarted worker group finds them still running."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 from trainers.rl.collect import Services
 
@@ -19,19 +20,44 @@ def actor_cpus(config) -> float:
     return cpus
 
 
+# Settings only the RL loop reads: a pool started with other values still serves a run.
+LOOP_ONLY_ROLLOUT_KEYS = {"verify_sync"}
+
+
+def check_pool(pool, config) -> None:
+    """A pool given to a run must serve the run's start model with the run's engine settings."""
+    from dataclasses import asdict
+
+    from trainers.errors import ConfigError
+
+    if Path(pool.model_dir).resolve() != Path(config.model.path).resolve():
+        raise ConfigError("model.path", f"the given rollout pool serves {pool.model_dir}, not {config.model.path}")
+    ours, its = asdict(config.rollout), asdict(pool.cfg)
+    differ = sorted(k for k in ours if ours[k] != its[k] and k not in LOOP_ONLY_ROLLOUT_KEYS)
+    if differ:
+        raise ConfigError(f"rollout.{differ[0]}", "differs from the given rollout pool's setting ("
+                          + ", ".join(f"rollout.{k}: {ours[k]!r} here, {its[k]!r} in the pool" for k in differ) + ")")
+
+
 @contextmanager
-def rollout_services(config, use_gpu: bool, echo=print):
+def rollout_services(config, use_gpu: bool, echo=print, pool=None):
     """The pool (serving the start model), reward actors and teacher of `config`, stopped
     on exit whatever happens. Each is one owner actor started here: the workers get handles
-    to it (a restarted worker group the same ones), never a copy of its state."""
+    to it (a restarted worker group the same ones), never a copy of its state. A `pool`
+    given (started from the run's model with its rollout settings) is reset to the start
+    model and used instead of a new one, and left running."""
     from rollout.pool import RolloutPool
     from rollout.reward_actor import RewardService
 
     started = []
     try:
-        echo(f"starting {config.rollout.num_engines} rollout engine(s)")
-        pool = RolloutPool(config.model.path, config.rollout, use_gpu=use_gpu)
-        started.append(pool.shutdown)
+        if pool is None:
+            echo(f"starting {config.rollout.num_engines} rollout engine(s)")
+            pool = RolloutPool(config.model.path, config.rollout, use_gpu=use_gpu)
+            started.append(pool.shutdown)
+        else:
+            check_pool(pool, config)
+            pool.reset()
         services = Services(pool)
         if config.spec.rewards:
             services.rewards = RewardService(config.rewards, max_retries=config.rollout.max_retries,

@@ -23,8 +23,11 @@ from trainers.loop import method_worker
 from trainers.metrics import read_metrics
 from trainers.models import load_tokenizer
 
-def run_training(config: JobConfig, echo=print) -> dict:
-    """Run `config` to completion on Ray; returns the summary written to summary.json."""
+def run_training(config: JobConfig, echo=print, pool=None) -> dict:
+    """Run `config` to completion on Ray; returns the summary written to summary.json. An RL
+    run samples from `pool` where given (a `rollout.pool.RolloutPool` started from the run's
+    model with its rollout settings, which several runs in turn can share) instead of
+    starting its own engines."""
     spec = config.spec
     config = with_absolute_paths(config)
     run_dir = config.run_dir.resolve()
@@ -54,7 +57,7 @@ def run_training(config: JobConfig, echo=print) -> dict:
     if config.uses_rollouts:
         from trainers.rl.loop import rl_worker
 
-        with rollout_services(config, use_gpu, echo) as services:
+        with rollout_services(config, use_gpu, echo, pool) as services:
             result = _fit(_trainer(config, run_dir, rl_worker, loop_config | {"services": services}, use_gpu),
                           run_dir, plan.total_steps)
     else:

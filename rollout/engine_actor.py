@@ -64,5 +64,15 @@ class EngineActor:
             self.engine.update_weights(ray.get(ref))
         return time.perf_counter() - start
 
+    def load_checkpoint(self, model_dir: str, bucket_mb: float) -> float:
+        """Load a saved model's weights (every tensor, bucket by bucket, as a sync would);
+        returns seconds taken."""
+        from rollout.weight_sync import checkpoint_buckets
+
+        start = time.perf_counter()
+        for payload in checkpoint_buckets(model_dir, bucket_mb):
+            self.engine.update_weights(payload)
+        return time.perf_counter() - start
+
     def load_adapter(self, adapter_dir: str) -> int:
         return self.engine.load_adapter(adapter_dir)

@@ -46,7 +46,7 @@ def pool_wait_s(cfg: RolloutConfig) -> float:
 
 class RolloutPool:
     def __init__(self, model_dir: str, cfg: RolloutConfig, adapter_dir: str | None = None, use_gpu: bool = False):
-        self.cfg = cfg
+        self.cfg, self.model_dir = cfg, str(model_dir)
         self.owner = ray.remote(PoolOwner).options(num_cpus=0, max_concurrency=MAX_CALLERS).remote(
             str(model_dir), cfg, adapter_dir, use_gpu)
         try:
@@ -87,6 +87,11 @@ class RolloutPool:
         refs = [ray.put(buckets.pop(0)) for _ in range(len(buckets))]
         engine_seconds = self._wait(self.owner.sync_weights.remote(refs), "sync_weights")
         return SyncReport(time.perf_counter() - start, engine_seconds, sum(sizes), len(sizes))
+
+    def reset(self) -> float:
+        """Back to the start model on every engine (for another run on this pool); returns
+        the slowest engine's load time."""
+        return self._wait(self.owner.reset.remote(), "reset")
 
     def verify(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
                trainer_logprobs: list[list[float]]) -> float:

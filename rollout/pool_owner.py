@@ -33,7 +33,10 @@ class PoolOwner:
         self._resources = {"num_cpus": cfg.cpus_per_engine, "num_gpus": bundle.get("GPU", 0)}
         self.group = placement_group([dict(bundle) for _ in range(cfg.num_engines)],
                                      strategy=cfg.placement.upper())  # PACK or SPREAD (best effort)
-        self.weights: list = []   # ObjectRefs (put by this actor, so they outlive any trainer) of the last sync
+        # Every sync's buckets (ObjectRefs put by this actor, so they outlive any trainer) as
+        # (tensor names, ref), in order, less those a later sync wholly overwrote: replayed on
+        # a replacement engine they give it exactly what the live engines hold.
+        self.weights: list[tuple[frozenset, object]] = []
         self.engines: Slots | None = None
 
     def start(self) -> str:
@@ -58,7 +61,7 @@ class PoolOwner:
         """Ready, and at the last synced weights (the adapter is loaded by the constructor)."""
         ray.get(engine.ready.remote(), timeout=timeout_s)
         if self.weights:
-            ray.get(engine.update_weights.remote(self.weights), timeout=timeout_s)
+            ray.get(engine.update_weights.remote([ref for _, ref in self.weights]), timeout=timeout_s)
 
     def _call_all(self, shards: list, method: str, args_for) -> list:
         """`method` on engine i with `args_for(shard i)`; a dead or hung engine's share is
@@ -86,9 +89,24 @@ class PoolOwner:
     def sync_weights(self, bucket_refs: list) -> float:
         """Keep a copy of the buckets (the caller's refs die with the caller) and load them
         on every engine; returns the slowest engine's load time."""
+        from rollout.weight_sync import payload_names
+
         with self.engines.lock:  # no replacement starts from the previous weights meanwhile
-            self.weights = [ray.put(ray.get(ref, timeout=self.cfg.timeout_s)) for ref in bucket_refs]
-            seconds = self._call_all([range(1)] * len(self.engines), "update_weights", lambda _: (self.weights,))
+            payloads = [ray.get(ref, timeout=self.cfg.timeout_s) for ref in bucket_refs]
+            synced = [(frozenset(payload_names(p)), ray.put(p)) for p in payloads]
+            covered = frozenset().union(*(names for names, _ in synced))
+            self.weights = [(names, ref) for names, ref in self.weights if not names <= covered] + synced
+            refs = [ref for _, ref in synced]
+            seconds = self._call_all([range(1)] * len(self.engines), "update_weights", lambda _: (refs,))
+        return max(seconds)
+
+    def reset(self) -> float:
+        """Every engine back at the start model and the kept weights dropped, so another run
+        can start on this pool; returns the slowest engine's load time."""
+        with self.engines.lock:
+            self.weights = []
+            seconds = self._call_all([range(1)] * len(self.engines), "load_checkpoint",
+                                     lambda _: (self.model_dir, self.cfg.sync_bucket_mb))
         return max(seconds)
 
     def engine_handles(self) -> list:

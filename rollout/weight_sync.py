@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 MIB = 1 << 20
 
@@ -58,22 +58,39 @@ def pack_state(state_dict: Mapping, bucket_mb: float) -> list[bytes]:
     """Safetensors buckets of at most `bucket_mb` MiB of tensor data each (plus a small
     header); a group (decoder layer, or a single tensor) larger than that goes alone."""
     import torch
+
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()
+               if isinstance(t, torch.Tensor)}
+    return list(_buckets(sync_groups(tensors), tensors.__getitem__, bucket_mb))
+
+
+def checkpoint_buckets(model_dir: str | Path, bucket_mb: float) -> Iterator[bytes]:
+    """A saved HF model's weights as `pack_state` buckets, read a bucket at a time (a decoder
+    layer split across shard files still travels whole)."""
+    from safetensors import safe_open
+
+    handles = [safe_open(str(f), framework="pt") for f in sorted(Path(model_dir).glob("*.safetensors"))]
+    where = {name: handle for handle in handles for name in handle.keys()}
+    yield from _buckets(sync_groups(sorted(where)), lambda name: where[name].get_tensor(name), bucket_mb)
+
+
+def _buckets(groups: list[list[str]], tensor, bucket_mb: float) -> Iterator[bytes]:
+    """Groups packed in order into buckets of at most `bucket_mb` MiB (a larger group goes
+    alone); `tensor(name)` gives each tensor when its bucket is built."""
     from safetensors.torch import save
 
     bound = bucket_mb * MIB
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()
-               if isinstance(t, torch.Tensor)}
-    buckets, current, size = [], {}, 0
-    for group in sync_groups(tensors):
-        group_size = sum(tensors[n].numel() * tensors[n].element_size() for n in group)
+    current, size = {}, 0
+    for group in groups:
+        tensors = {n: tensor(n) for n in group}
+        group_size = sum(t.numel() * t.element_size() for t in tensors.values())
         if current and size + group_size > bound:
-            buckets.append(current)
+            yield save(_unshare(current))
             current, size = {}, 0
-        current.update({n: tensors[n] for n in group})
+        current.update(tensors)
         size += group_size
     if current:
-        buckets.append(current)
-    return [save(_unshare(bucket)) for bucket in buckets]
+        yield save(_unshare(current))
 
 
 def _unshare(bucket: dict) -> dict:

@@ -142,3 +142,38 @@ def test_an_engine_killed_after_a_sync_comes_back_with_the_synced_weights(pool, 
     gap = pool.verify([prompt_ids[k] for k in engine_1], [response_ids[k] for k in engine_1],
                       _trainer_logprobs(model, [prompt_ids[k] for k in engine_1], [response_ids[k] for k in engine_1]))
     assert gap < 1e-4
+
+
+def _engine_gap(pool, model, prompts) -> float:
+    """Max log-prob gap between every engine and `model` on greedy responses to `prompts`."""
+    groups = pool.generate(prompts, Sampling(temperature=0.0, max_new_tokens=8))
+    prompt_ids, response_ids = [g[0].prompt_ids for g in groups], [g[0].response_ids for g in groups]
+    return pool.verify(prompt_ids, response_ids, _trainer_logprobs(model, prompt_ids, response_ids))
+
+
+def test_a_replacement_after_a_partial_sync_serves_both_syncs_and_reset_returns_to_the_start(pool, tiny_base_dir):
+    """A full sync then one of decoder layer 1 alone: a replacement engine must replay both
+    (the partial one alone on the start model would differ); `reset` then brings every
+    engine back to the start model for the next run."""
+    model = _perturbed(tiny_base_dir, 11)
+    pool.sync_weights(model.state_dict())
+    layer_1 = {n: p for n, p in model.named_parameters() if ".layers.1." in n}
+    assert layer_1, "the tiny model has no decoder layer 1"
+    with torch.no_grad():
+        for p in layer_1.values():
+            p.add_(torch.randn_like(p) * 0.05)
+    pool.sync_weights(layer_1)
+    prompts = [_messages(q) for q in QUESTIONS[:8]]
+    assert _engine_gap(pool, model, prompts) < 1e-4
+
+    before = _generations(pool)
+    _sigkill(pool.engines[1])
+    assert _engine_gap(pool, model, prompts) < 1e-4  # engine 1's half came from the replacement
+    assert _generations(pool) == [before[0], before[1] + 1]
+
+    pool.reset()
+    greedy = Sampling(temperature=0.0, max_new_tokens=8)
+    start_model = HFEngine(str(tiny_base_dir)).generate(prompts, greedy)
+    assert [g[0].response_ids for g in pool.generate(prompts, greedy)] == [g[0].response_ids for g in start_model]
+    _sigkill(pool.engines[0])  # a replacement after the reset starts from the start model, not the old syncs
+    assert [g[0].response_ids for g in pool.generate(prompts, greedy)] == [g[0].response_ids for g in start_model]

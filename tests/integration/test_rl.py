@@ -41,10 +41,10 @@ def _quiet(*_):
     pass
 
 
-def _train(tmp_path, name, model, *overrides):
+def _train(tmp_path, name, model, *overrides, pool=None):
     config = load_config(None, [f"name={name}", f"output_dir={tmp_path}", f"model.path={model}",
                                 "cluster.num_workers=1", *overrides])
-    return config, run_training(config, echo=_quiet)
+    return config, run_training(config, echo=_quiet, pool=pool)
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +55,23 @@ def sft_mixed(ray_cluster, tiny_base_dir, rl_data, tmp_path_factory):
     return config.run_dir / "final"
 
 
-def _rl(tmp_path, name, model, rl_data, method, *overrides):
+@pytest.fixture(scope="module")
+def rollout_pool(sft_mixed):
+    """One engine serving the start model, shared by the runs below in turn (each run resets
+    it to the start model); the first test, which kills engines, runs before it exists."""
+    from rollout.config import RolloutConfig
+    from rollout.pool import RolloutPool
+
+    pool = RolloutPool(str(sft_mixed), RolloutConfig())  # the settings of the runs below
+    yield pool
+    pool.shutdown()
+
+
+def _rl(tmp_path, name, model, rl_data, method, *overrides, pool=None):
     return _train(tmp_path, name, model, f"method={method}", f"data.train=[{rl_data['prompts']}]",
                   f"data.eval=[{rl_data['eval']}]", "algo.prompts_per_step=16", "algo.samples_per_prompt=8",
                   "algo.max_new_tokens=8", "train.lr=1e-4", "train.scheduler=constant", "train.warmup_ratio=0",
-                  *overrides)
+                  *overrides, pool=pool)
 
 
 def _rows(run_dir):
@@ -82,103 +94,6 @@ def _check_timings(timing):
     assert 0.5 * timing["step"] <= parts <= timing["step"] * 1.01, timing
 
 
-# rloo trains a LoRA policy with a KL loss to its adapter-disabled base: the engines get
-# the merged weights each step, and the reference costs no second model.
-LORA_WITH_KL = ["peft.method=lora", "train.lr=1e-3", "algo.kl_coef=0.05", "algo.kl_in=loss"]
-
-
-@pytest.mark.parametrize("estimator, steps, margin, extra", [("grpo", 30, 0.15, []), ("rloo", 30, 0.1, LORA_WITH_KL),
-                                                             ("reinforce_pp", 30, 0.1, [])])
-def test_group_rl_raises_held_out_exact_match_reward(sft_mixed, rl_data, tmp_path, estimator, steps, margin, extra):
-    config, summary = _rl(tmp_path, estimator, sft_mixed, rl_data, "grpo", f"algo.estimator={estimator}",
-                          "rewards.rewards=[{fn: exact_match}]", f"train.max_steps={steps}", "train.eval_every=10",
-                          *extra)
-    evals = _evals(config.run_dir)
-    assert evals[0] == 0.0, evals  # the start model answers in the unrewarded style
-    assert evals[-1] >= evals[0] + margin, evals
-    steps_rows = [r for r in _rows(config.run_dir) if "reward_mean" in r]
-    assert [r["step"] for r in steps_rows] == list(range(1, steps + 1))
-    assert steps_rows[-1]["response_length"] < steps_rows[0]["response_length"]  # "The answer is" is dropped
-    # The engines sample from the trainer's current weights: same log-probs after every sync.
-    assert max(r["logprob_diff_max"] for r in steps_rows) < 1e-3
-    _check_timings(summary["timing_s_per_step"])
-    assert summary["final_eval_reward"] == evals[-1]
-    final = config.run_dir / "final"
-    assert (final / ("adapter_model.safetensors" if extra else "model.safetensors")).exists()
-    if extra:  # the step-1 policy is its reference (LoRA B = 0); the KL then grows from 0
-        assert abs(steps_rows[0]["kl"]) < 1e-6 and steps_rows[-1]["kl"] > 1e-4, [r["kl"] for r in steps_rows]
-    if estimator == "grpo":
-        html = (config.run_dir / "report.html").read_text()
-        for panel in ("Reward", "Response length (tokens)", "Step time (s)"):
-            assert f"<h2>{panel}</h2>" in html
-
-
-def test_ppo_with_a_reward_model_raises_reward(sft_mixed, rl_data, tmp_path, tiny_base_dir):
-    rm, _ = _train(tmp_path, "rm", tiny_base_dir, "method=rm", f"data.train=[{rl_data['pairs']}]",
-                   "data.max_length=48", "train.max_steps=120", "train.batch_size=16", "train.lr=1e-3")
-    config, summary = _rl(tmp_path, "ppo", sft_mixed, rl_data, "ppo", f"rewards.rewards=[{{fn: 'model:{rm.run_dir}'}}]",
-                          "algo.samples_per_prompt=2", "algo.ppo_epochs=2", "algo.mini_batches=2",
-                          "algo.kl_coef=0.05", "algo.kl_estimator=k3", "train.max_steps=30", "train.eval_every=15")
-    rows = [r for r in _rows(config.run_dir) if "reward_mean" in r]
-    first, last = rows[:10], rows[-10:]
-    mean = lambda part: sum(r["reward_mean"] for r in part) / len(part)  # noqa: E731
-    assert mean(last) > mean(first) + 0.2, [round(r["reward_mean"], 2) for r in rows]
-    assert all(k in rows[-1] for k in ("value_loss", "kl", "clip_fraction", "entropy", "return_mean"))
-    # k3 is >= 0 whatever happens: judge it by value. The step-1 policy is the reference
-    # (KL 0 up to float noise); training moves it away and the KL says so.
-    assert rows[0]["kl"] < 1e-6 and rows[-1]["kl"] > 1e-3, [r["kl"] for r in rows]
-    assert _evals(config.run_dir)[-1] > _evals(config.run_dir)[0]
-    assert summary["final_kl"] == rows[-1]["kl"]
-
-
-def test_on_policy_distillation_lowers_divergence_to_the_teacher(sft_mixed, rl_data, tmp_path, tiny_base_dir):
-    teacher, _ = _train(tmp_path, "teacher", tiny_base_dir, f"data.train=[{rl_data['plain']}]", "data.max_length=48",
-                        "train.max_steps=150", "train.batch_size=16", "train.lr=1e-3")
-    config, summary = _rl(tmp_path, "distill", sft_mixed, rl_data, "distill", "distill.mode=on_policy",
-                          f"distill.teacher={teacher.run_dir / 'final'}", "distill.loss=reverse_kl",
-                          "algo.samples_per_prompt=2", "train.lr=3e-4", "train.max_steps=20", "train.eval_every=10")
-    divergences = _evals(config.run_dir, "eval_divergence")
-    assert len(divergences) == 3
-    assert divergences[-1] < 0.6 * divergences[0], divergences
-    # The student samples from its current weights: without a sync after each update the
-    # engines would serve the start model and the gap would grow step after step.
-    rows = _steps(config.run_dir)
-    assert [r["step"] for r in rows] == list(range(1, 21))
-    assert max(r["logprob_diff_max"] for r in rows) < 1e-4, [r["logprob_diff_max"] for r in rows]
-    timing = summary["timing_s_per_step"]
-    _check_timings(timing)
-    assert timing["teacher"] > 0.001 and timing["score"] < 0.01, timing  # no rewards: nothing scored
-    assert "final_eval_reward" not in summary  # no rewards in this run, so none is reported
-
-
-def test_killed_worker_resumes_with_the_same_remaining_prompts(sft_mixed, rl_data, tmp_path):
-    steps, save_every = 12, 4
-    args = ["rewards.rewards=[{fn: exact_match}]", f"train.max_steps={steps}", f"train.save_every={save_every}",
-            "cluster.max_failures=2", "cluster.num_workers=2", "algo.prompts_per_step=4", "algo.eval_prompts=8"]
-    with kill_a_worker_after_checkpoint(tmp_path / "crash", save_every) as killed:
-        config, summary = _rl(tmp_path, "crash", sft_mixed, rl_data, "grpo", *args)
-    assert killed, "no worker was killed"
-
-    rows = _rows(config.run_dir)
-    resumes = [r for r in rows if r.get("event") == "resume"]
-    assert resumes and resumes[0]["step"] % save_every == 0 and resumes[0]["step"] > 0, resumes
-    assert resumes[0]["prompts_seen"] == resumes[0]["step"] * 4 * 2
-    logged = {r["step"]: r["prompt_digest"] for r in rows if "prompt_digest" in r}
-    assert sorted(logged) == list(range(1, steps + 1))
-    # Every step, before and after the restart, drew the prompts of an uninterrupted run.
-    plan = plan_steps(600, 4, 1, 2, 1.0, steps)
-    batches = [StepBatches(plan, rank, config.data.seed + config.train.seed) for rank in range(2)]
-    expected = {s + 1: sum(prompt_digest([i for m in b.micro_batches(s) for i in m]) for b in batches)
-                for s in range(steps)}
-    assert logged == expected
-    assert summary["steps"] == steps
-    # The restarted workers re-sync the engines, which served weights newer than the
-    # checkpoint: every step after the resume samples from the trainer's weights.
-    after = [r for r in _steps(config.run_dir) if r["step"] > resumes[0]["step"]]
-    assert len(after) == steps - resumes[0]["step"]
-    assert max(r["logprob_diff_max"] for r in after) < 1e-4, [r["logprob_diff_max"] for r in after]
-
-
 def test_an_engine_and_a_reward_actor_killed_mid_run_do_not_end_it(sft_mixed, rl_data, tmp_path):
     """2 workers share 2 engines and a reward actor through their owners. An engine SIGKILLed
     after a weight sync is replaced once and brought to the synced weights before it serves
@@ -199,3 +114,104 @@ def test_an_engine_and_a_reward_actor_killed_mid_run_do_not_end_it(sft_mixed, rl
     assert not [r for r in _rows(config.run_dir) if r.get("event") == "resume"]  # no worker restart was needed
     later = [r for r in rows if r["step"] > engine["at"]]
     assert later and max(r["logprob_diff_max"] for r in later) < 1e-4, [r["logprob_diff_max"] for r in rows]
+
+
+# rloo trains a LoRA policy with a KL loss to its adapter-disabled base: the engines get
+# the merged weights each step, and the reference costs no second model.
+LORA_WITH_KL = ["peft.method=lora", "train.lr=1e-3", "algo.kl_coef=0.05", "algo.kl_in=loss"]
+
+
+@pytest.mark.parametrize("estimator, steps, margin, extra", [("grpo", 30, 0.15, []), ("rloo", 30, 0.1, LORA_WITH_KL),
+                                                             ("reinforce_pp", 30, 0.1, [])])
+def test_group_rl_raises_held_out_exact_match_reward(sft_mixed, rl_data, tmp_path, rollout_pool, estimator, steps,
+                                                    margin, extra):
+    config, summary = _rl(tmp_path, estimator, sft_mixed, rl_data, "grpo", f"algo.estimator={estimator}",
+                          "rewards.rewards=[{fn: exact_match}]", f"train.max_steps={steps}", "train.eval_every=10",
+                          *extra, pool=rollout_pool)
+    evals = _evals(config.run_dir)
+    assert evals[0] == 0.0, evals  # the start model answers in the unrewarded style
+    assert evals[-1] >= evals[0] + margin, evals
+    steps_rows = [r for r in _rows(config.run_dir) if "reward_mean" in r]
+    assert [r["step"] for r in steps_rows] == list(range(1, steps + 1))
+    assert steps_rows[-1]["response_length"] < steps_rows[0]["response_length"]  # "The answer is" is dropped
+    # The engines sample from the trainer's current weights: same log-probs after every sync.
+    assert max(r["logprob_diff_max"] for r in steps_rows) < 1e-3
+    _check_timings(summary["timing_s_per_step"])
+    assert summary["final_eval_reward"] == evals[-1]
+    final = config.run_dir / "final"
+    assert (final / ("adapter_model.safetensors" if extra else "model.safetensors")).exists()
+    if extra:  # the step-1 policy is its reference (LoRA B = 0); the KL then grows from 0
+        assert abs(steps_rows[0]["kl"]) < 1e-6 and steps_rows[-1]["kl"] > 1e-4, [r["kl"] for r in steps_rows]
+    if estimator == "grpo":
+        html = (config.run_dir / "report.html").read_text()
+        for panel in ("Reward", "Response length (tokens)", "Step time (s)"):
+            assert f"<h2>{panel}</h2>" in html
+
+
+def test_ppo_with_a_reward_model_raises_reward(sft_mixed, rl_data, tmp_path, tiny_base_dir, rollout_pool):
+    rm, _ = _train(tmp_path, "rm", tiny_base_dir, "method=rm", f"data.train=[{rl_data['pairs']}]",
+                   "data.max_length=48", "train.max_steps=120", "train.batch_size=16", "train.lr=1e-3")
+    config, summary = _rl(tmp_path, "ppo", sft_mixed, rl_data, "ppo", f"rewards.rewards=[{{fn: 'model:{rm.run_dir}'}}]",
+                          "algo.samples_per_prompt=2", "algo.ppo_epochs=2", "algo.mini_batches=2",
+                          "algo.kl_coef=0.05", "algo.kl_estimator=k3", "train.max_steps=30", "train.eval_every=15",
+                          pool=rollout_pool)
+    rows = [r for r in _rows(config.run_dir) if "reward_mean" in r]
+    first, last = rows[:10], rows[-10:]
+    mean = lambda part: sum(r["reward_mean"] for r in part) / len(part)  # noqa: E731
+    assert mean(last) > mean(first) + 0.2, [round(r["reward_mean"], 2) for r in rows]
+    assert all(k in rows[-1] for k in ("value_loss", "kl", "clip_fraction", "entropy", "return_mean"))
+    # k3 is >= 0 whatever happens: judge it by value. The step-1 policy is the reference
+    # (KL 0 up to float noise); training moves it away and the KL says so.
+    assert rows[0]["kl"] < 1e-6 and rows[-1]["kl"] > 1e-3, [r["kl"] for r in rows]
+    assert _evals(config.run_dir)[-1] > _evals(config.run_dir)[0]
+    assert summary["final_kl"] == rows[-1]["kl"]
+
+
+def test_on_policy_distillation_lowers_divergence_to_the_teacher(sft_mixed, rl_data, tmp_path, tiny_base_dir,
+                                                                rollout_pool):
+    teacher, _ = _train(tmp_path, "teacher", tiny_base_dir, f"data.train=[{rl_data['plain']}]", "data.max_length=48",
+                        "train.max_steps=150", "train.batch_size=16", "train.lr=1e-3")
+    config, summary = _rl(tmp_path, "distill", sft_mixed, rl_data, "distill", "distill.mode=on_policy",
+                          f"distill.teacher={teacher.run_dir / 'final'}", "distill.loss=reverse_kl",
+                          "algo.samples_per_prompt=2", "train.lr=3e-4", "train.max_steps=20", "train.eval_every=10",
+                          pool=rollout_pool)
+    divergences = _evals(config.run_dir, "eval_divergence")
+    assert len(divergences) == 3
+    assert divergences[-1] < 0.6 * divergences[0], divergences
+    # The student samples from its current weights: without a sync after each update the
+    # engines would serve the start model and the gap would grow step after step.
+    rows = _steps(config.run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert max(r["logprob_diff_max"] for r in rows) < 1e-4, [r["logprob_diff_max"] for r in rows]
+    timing = summary["timing_s_per_step"]
+    _check_timings(timing)
+    assert timing["teacher"] > 0.001 and timing["score"] < 0.01, timing  # no rewards: nothing scored
+    assert "final_eval_reward" not in summary  # no rewards in this run, so none is reported
+
+
+def test_killed_worker_resumes_with_the_same_remaining_prompts(sft_mixed, rl_data, tmp_path, rollout_pool):
+    steps, save_every = 12, 4
+    args = ["rewards.rewards=[{fn: exact_match}]", f"train.max_steps={steps}", f"train.save_every={save_every}",
+            "cluster.max_failures=2", "cluster.num_workers=2", "algo.prompts_per_step=4", "algo.eval_prompts=8"]
+    with kill_a_worker_after_checkpoint(tmp_path / "crash", save_every) as killed:
+        config, summary = _rl(tmp_path, "crash", sft_mixed, rl_data, "grpo", *args, pool=rollout_pool)
+    assert killed, "no worker was killed"
+
+    rows = _rows(config.run_dir)
+    resumes = [r for r in rows if r.get("event") == "resume"]
+    assert resumes and resumes[0]["step"] % save_every == 0 and resumes[0]["step"] > 0, resumes
+    assert resumes[0]["prompts_seen"] == resumes[0]["step"] * 4 * 2
+    logged = {r["step"]: r["prompt_digest"] for r in rows if "prompt_digest" in r}
+    assert sorted(logged) == list(range(1, steps + 1))
+    # Every step, before and after the restart, drew the prompts of an uninterrupted run.
+    plan = plan_steps(600, 4, 1, 2, 1.0, steps)
+    batches = [StepBatches(plan, rank, config.data.seed + config.train.seed) for rank in range(2)]
+    expected = {s + 1: sum(prompt_digest([i for m in b.micro_batches(s) for i in m]) for b in batches)
+                for s in range(steps)}
+    assert logged == expected
+    assert summary["steps"] == steps
+    # The restarted workers re-sync the engines, which served weights newer than the
+    # checkpoint: every step after the resume samples from the trainer's weights.
+    after = [r for r in _steps(config.run_dir) if r["step"] > resumes[0]["step"]]
+    assert len(after) == steps - resumes[0]["step"]
+    assert max(r["logprob_diff_max"] for r in after) < 1e-4, [r["logprob_diff_max"] for r in after]

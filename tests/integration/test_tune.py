@@ -38,20 +38,24 @@ def _config(tmp_path, model_dir, data, name, *overrides):
         f"tune.seed={SEED}", *overrides])
 
 
-def _wait_for_free_cpus(ray, timeout_s=60.0):
-    """Stopped trials give their workers back: every CPU is free again soon after."""
-    total = ray.cluster_resources()["CPU"]
+def _free_cpus(ray) -> float:
+    return ray.available_resources().get("CPU", 0.0)
+
+
+def _wait_for_free_cpus(ray, before: float, timeout_s=60.0) -> float:
+    """Stopped trials give their workers back: every CPU free before the search (the shared
+    cluster may hold other tests' actors) is free again soon after it."""
     deadline = time.time() + timeout_s
-    while ray.available_resources().get("CPU", 0.0) < total - 1e-6 and time.time() < deadline:
+    while _free_cpus(ray) < before - 1e-6 and time.time() < deadline:
         time.sleep(0.5)
-    return ray.available_resources().get("CPU", 0.0), total
+    return _free_cpus(ray)
 
 
 def test_asha_search_stops_a_trial_and_its_best_config_trains(ray_cluster, tiny_model_dir, tune_data, tmp_path):
     lines = []
     config = _config(tmp_path, tiny_model_dir, tune_data, "lr-search",
                      "tune.space.train.lr={choice: [3.0e-3, 1.0e-3, 10.0]}")
-    started = time.time()
+    free_before, started = _free_cpus(ray_cluster), time.time()
     out = run_tune(config, echo=lines.append)
     wall = time.time() - started
     rows = {row.trial: row for row in out["rows"]}
@@ -84,8 +88,9 @@ def test_asha_search_stops_a_trial_and_its_best_config_trains(ray_cluster, tiny_
     assert "train.lr" in table[0] and "eval_loss" in table[0] and "best_eval_loss" in table[0]
     assert best.trial in out["table"] and "early-stopped" in out["table"]
 
-    free, total = _wait_for_free_cpus(ray_cluster)
-    assert free == pytest.approx(total), "a stopped trial left workers behind"
+    assert free_before >= 2, "the search needs the cluster's CPUs"
+    free = _wait_for_free_cpus(ray_cluster, free_before)
+    assert free >= free_before - 1e-6, f"a stopped trial left workers behind ({free} of {free_before} CPUs free)"
 
     # best_config.yaml is a complete job config that `rayft train` runs as it is.
     best_path = search_dir / "best_config.yaml"

@@ -4,8 +4,8 @@ oversize tensors alone, decoder layers never split (vLLM reloads fused layers wh
 import pytest
 import torch
 
-from rollout.weight_sync import (MIB, check_names, check_whole_layers, pack_state, payload_names, sync_groups,
-                                 unpack)
+from rollout.weight_sync import (MIB, check_names, check_whole_layers, checkpoint_buckets, pack_state, payload_names,
+                                 sync_groups, unpack)
 
 
 def _tensor_bytes(bucket: dict) -> int:
@@ -47,6 +47,23 @@ def test_a_decoder_layer_is_never_split():
     layers = [b for b in buckets if any(".layers." in n for n in b)]
     assert [len(b) for b in layers] == [5, 5, 5]
     assert all(len({n.split(".")[2] for n in b}) == 1 for b in layers)
+
+
+def test_a_saved_model_travels_whole_with_a_layer_split_across_shards(tmp_path):
+    from safetensors.torch import save_file
+
+    layer = {f"model.layers.0.{part}.weight": torch.randn(32, 32) for part in ("self_attn.q_proj", "mlp.up_proj")}
+    first = {"model.embed_tokens.weight": torch.randn(8, 4), "model.layers.0.self_attn.q_proj.weight":
+             layer["model.layers.0.self_attn.q_proj.weight"]}
+    second = {"model.layers.0.mlp.up_proj.weight": layer["model.layers.0.mlp.up_proj.weight"],
+              "model.norm.weight": torch.randn(4).to(torch.bfloat16)}
+    save_file(first, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file(second, str(tmp_path / "model-00002-of-00002.safetensors"))
+    buckets = [unpack(p) for p in checkpoint_buckets(tmp_path, bucket_mb=0.001)]  # smaller than any layer
+    merged = {k: v for b in buckets for k, v in b.items()}
+    assert sorted(merged) == sorted(first | second)
+    assert all(merged[n].dtype == t.dtype and torch.equal(merged[n], t) for n, t in (first | second).items())
+    assert sorted(layer) in [sorted(b) for b in buckets]
 
 
 def test_tied_tensors_can_be_packed():
