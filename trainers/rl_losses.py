@@ -176,15 +176,16 @@ def broadcast_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.T
 # -- PPO losses ----------------------------------------------------------------------------
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    clip_eps: float, clip_eps_high: float | None = None,
-                    aggregation: str = "token") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    clip_eps: float, clip_eps_high: float | None = None, aggregation: str = "token",
+                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate loss; all inputs (B, T).
 
       ratio = exp(logp - old_logp)
       loss_t = -min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps_high) * A)
 
     clip_eps_high defaults to clip_eps (a larger one is DAPO's clip-higher). Aggregated by
-    `aggregation` ('token' or 'sequence'). Stats (detached scalars): clip_fraction = share of
+    `aggregation` ('token' or 'sequence'), each token's loss times its off-policy correction
+    `weights` where given (`trainers.rl.correction`). Stats (detached scalars): clip_fraction = share of
     masked tokens where the clipped term was the smaller one; approx_kl = masked mean of the
     k3 estimate of KL(old || new).
     """
@@ -192,7 +193,8 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + high) * advantages
-    loss = aggregate(-torch.minimum(unclipped, clipped), mask, aggregation)
+    per_token = -torch.minimum(unclipped, clipped)
+    loss = aggregate(per_token if weights is None else per_token * weights, mask, aggregation)
     with torch.no_grad():
         stats = {"clip_fraction": masked_mean((clipped < unclipped).to(logp.dtype), mask),
                  "approx_kl": masked_mean(kl_estimate(old_logp, logp, "k3"), mask)}

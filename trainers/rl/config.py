@@ -42,6 +42,13 @@ class AlgoConfig:
     vf_coef: float = opt(0.5, "PPO: weight of the value loss.")
     value_clip: float = opt(0.2, "PPO: clip of the value update around the rollout's values; 0 = unclipped.")
     whiten_advantages: bool = opt(True, "PPO: whiten the advantages over the rollout batch.")
+    rollout_correction: Literal["none", "tis", "mis"] = opt(
+        "tis", "Off-policy correction of the policy loss by the ratio of the trainer's to the sampling engine's "
+               "probability of each sampled token (engine numerics, rollout.max_staleness): tis truncates it at "
+               "correction_cap, mis drops tokens over the cap, none trusts the engine's samples as on-policy.")
+    correction_level: Literal["token", "sequence"] = opt(
+        "token", "token: each token's own ratio; sequence: the product over the response, for all its tokens.")
+    correction_cap: float = opt(2.0, "Truncation (tis) or masking (mis) threshold of the correction weights, >= 1.")
     entropy_coef: float = opt(0.0, "Weight of the entropy bonus (higher keeps sampling diverse).")
     eval_prompts: int = opt(64, "Held-out prompts (data.eval) scored greedily at each evaluation; 0 = all.")
 
@@ -59,6 +66,8 @@ class AlgoConfig:
                 raise ConfigError(f"{section}.{key}", f"must be >= 0, got {getattr(self, key)}")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ConfigError(f"{section}.gamma" if not 0 <= self.gamma <= 1 else f"{section}.lam", "must be in [0, 1]")
+        if self.correction_cap < 1:
+            raise ConfigError(f"{section}.correction_cap", f"must be >= 1, got {self.correction_cap}")
         if self.eval_prompts < 0:
             raise ConfigError(f"{section}.eval_prompts", f"must be >= 0, got {self.eval_prompts}")
 

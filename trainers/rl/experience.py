@@ -2,7 +2,7 @@
 for the trainer (prompts left-padded, responses right-padded, so every response starts
 at the same column), with what the step computes about them before updating (rewards,
 log-probs under the rollout policy and the reference, values, advantages, teacher
-log-probs). `at_response` picks, from a forward pass's per-position outputs (logits,
+log-probs, off-policy correction weights). `at_response` picks, from a forward pass's per-position outputs (logits,
 values), those at the positions that predict each response token; `Experience.rows` cuts
 a mini-batch."""
 
@@ -30,6 +30,7 @@ class Experience:
     advantages: Optional[torch.Tensor] = None    # (B, R)
     returns: Optional[torch.Tensor] = None       # (B, R)
     teacher_logprobs: Optional[torch.Tensor] = None  # (B, R, V) full teacher distributions
+    correction: Optional[torch.Tensor] = None    # (B, R) off-policy weights (trainers.rl.correction)
 
     @property
     def prompt_width(self) -> int:

@@ -23,6 +23,7 @@ from trainers.batching import StepBatches, plan_steps
 from trainers.loop import Progress, Worker, log_peak_memory, report_checkpoint, restore_progress, seed_everything
 from trainers.metrics import MetricsLog
 from trainers.rl.collect import Collector
+from trainers.rl.correction import correction_weights
 from trainers.rl.experience import Experience, at_response, token_logp
 from trainers.reference import Reference
 from trainers.rl.model import build_rl_model, engine_weights, policy_state
@@ -162,11 +163,16 @@ class RLLoop:
         return self.rollout_metrics(torch.cat(raw), exp)
 
     def rollout_metrics(self, raw_logp: torch.Tensor, exp: Experience) -> dict:
-        """Engine vs trainer log-prob gap on the sampled tokens, and the KL to the reference,
-        at the weights that sampled them."""
+        """Engine vs trainer log-prob gap on the sampled tokens, the off-policy correction
+        weights it gives (set on `exp`), and the KL to the reference, at the trainer's
+        weights before the update."""
         gap = (raw_logp - exp.engine_logp).abs() * exp.mask
         tokens = exp.mask.sum().clamp(min=1)
         metrics = {"logprob_diff": float(gap.sum() / tokens), "logprob_diff_max": float(gap.max())}
+        algo = self.algo
+        exp.correction, stats = correction_weights(raw_logp, exp.engine_logp, exp.mask, algo.rollout_correction,
+                                                   algo.correction_level, algo.correction_cap)
+        metrics.update(stats)
         if exp.ref_logp is not None:
             metrics["kl"] = float((self.objective.token_kl(exp.old_logp, exp.ref_logp) * exp.mask).sum() / tokens)
         return metrics

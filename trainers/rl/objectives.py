@@ -66,7 +66,7 @@ class Objective:
         algo = self.algo
         logp = token_logp(logits, mb.response_ids, self.temperature)
         loss, stats = ppo_policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, algo.clip_eps,
-                                      algo.clip_eps_high or None, algo.aggregation)
+                                      algo.clip_eps_high or None, algo.aggregation, mb.correction)
         stats = {"policy_loss": loss.detach(), **stats}
         if mb.ref_logp is not None and algo.kl_in == "loss":
             kl_term = masked_mean(self.token_kl(logp, mb.ref_logp), mb.mask)
@@ -136,7 +136,8 @@ class OnPolicyDistill(Objective):
 
         d = self.distill
         per_token = token_divergence(logits, mb.teacher_logprobs, mb.mask, d.loss, d.beta, d.temperature)
-        loss = aggregate(per_token, mb.mask, self.algo.aggregation)
+        weighted = per_token if mb.correction is None else per_token * mb.correction
+        loss = aggregate(weighted, mb.mask, self.algo.aggregation)
         with torch.no_grad():
             stats = {"divergence": masked_mean(per_token, mb.mask), "entropy": entropy_from_logits(logits, mb.mask)}
         return loss, stats
