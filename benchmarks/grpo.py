@@ -3,14 +3,17 @@ a reward actor) against TRL's `GRPOTrainer` (transformers `generate` in one proc
 the same local model, prompts, reward and settings, as steady-state steps per minute.
 
     python -m benchmarks grpo [--preset tiny] [--steps 100] [--warmup 2] [--prompts 8]
-                              [--samples 4] [--new-tokens 32] [--trl-threads 1] [--reference-only]
+                              [--samples 4] [--new-tokens 32] [--trl-threads 0] [--max-staleness 1]
+                              [--reference-only]
 
 One step on both sides: draw `prompts` chat prompts of the synthetic task, sample
 `samples` responses each (temperature 1, at most `new-tokens` tokens), score them with
 exact match against the row's reference, group-normalise the rewards (GRPO), and take one
 optimizer step on all of them (no KL term, no reference model, one pass). TRL's torch runs
-on 1 thread, as Ray runs that of rayft's training worker (1 CPU); `--trl-threads 0` gives
-it every core.
+on every core, as a user runs it (`--trl-threads 1` holds it to one thread, as Ray runs
+that of rayft's training worker). rayft generates the next step's samples while it trains
+(`rollout.max_staleness` 1, with its default truncated importance-sampling correction;
+`--max-staleness 0` generates and trains in turn, as TRL does).
 
 Steady state, the same for both, leaves out model loading, Ray and engine start-up and
 the first `warmup` steps' one-off costs (vLLM's warm-up, allocator growth), two ways:
@@ -70,9 +73,12 @@ class Settings:
     temperature: float = 1.0
     lr: float = 1e-5
     seed: int = 0
-    # torch threads of TRL's process: 1 matches rayft's training worker (1 CPU, so Ray runs its
-    # torch on 1 thread) and keeps both steady when other processes share the cores; 0 = every core
-    trl_threads: int = 1
+    # torch threads of TRL's process: 0 = every core, as a user runs it; 1 matches rayft's
+    # training worker (1 CPU, so Ray runs its torch on 1 thread)
+    trl_threads: int = 0
+    # rayft's rollout.max_staleness: 1 generates the next step's samples while the trainer
+    # trains (what a user after speed runs); 0 = generate and train in turn
+    max_staleness: int = 1
 
     @property
     def total_steps(self) -> int:
@@ -185,7 +191,7 @@ def rayft_config(model_dir: Path, data_path: Path, s: Settings, workdir: Path):
         "algo": {"prompts_per_step": s.prompts, "samples_per_prompt": s.samples, "max_new_tokens": s.new_tokens,
                  "temperature": s.temperature, "top_p": 1.0, "estimator": "grpo", "kl_coef": 0.0,
                  "ppo_epochs": 1, "mini_batches": 1, "clip_eps": 0.2, "aggregation": "token"},
-        "rollout": {"engine": "vllm", "num_engines": 1},
+        "rollout": {"engine": "vllm", "num_engines": 1, "max_staleness": s.max_staleness},
         "rewards": {"rewards": [{"fn": "exact_match"}]},
         "train": {"max_steps": s.total_steps, "lr": s.lr, "scheduler": "constant", "warmup_ratio": 0.0,
                   "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": s.seed, "log_every": 1, "eval_every": 0},
@@ -274,7 +280,7 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = Settings()
     for key in ("preset", "pretrain_steps", "task", "steps", "warmup", "prompts", "samples", "new_tokens", "lr",
-                "trl_threads"):
+                "trl_threads", "max_staleness"):
         value = getattr(defaults, key)
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value,
                             help=f"default {value}")

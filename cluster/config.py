@@ -86,6 +86,8 @@ class JobConfig:
                 continue  # no rewards needed, so none required
             if dataclasses.is_dataclass(value) and hasattr(value, "validate"):
                 value.validate(f.name)
+        for key, message in self.rollout.problems():
+            raise ConfigError(f"rollout.{key}", message)
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ConfigError("name", f"must be a plain directory name, got '{self.name}'")
         self._check_combinations()

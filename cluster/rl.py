@@ -21,7 +21,7 @@ def actor_cpus(config) -> float:
 
 
 # Settings only the RL loop reads: a pool started with other values still serves a run.
-LOOP_ONLY_ROLLOUT_KEYS = {"verify_sync"}
+LOOP_ONLY_ROLLOUT_KEYS = {"verify_sync", "max_staleness"}
 
 
 def check_pool(pool, config) -> None:

@@ -39,3 +39,19 @@ class RolloutConfig:
     verify_sync: bool = opt(False, "After each sync, the engines score a few of the step's responses and the max |log-prob| "
                                         "gap to the trainer's updated weights is logged (sync_gap_max).")
     seed: int = opt(0, "Engine seed.")
+    max_staleness: int = opt(
+        0, "Pipelined rollouts: the engines generate the samples of up to this many steps ahead while the trainer "
+           "trains, so a step trains on samples from a policy at most this many updates old (0: each step's "
+           "samples come from the weights it updates, generate and train in turn).")
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, what is wrong) for each setting out of range; empty when all are valid."""
+        out = [(key, f"must be >= {low}, got {getattr(self, key)}") for key, low in
+               (("num_engines", 1), ("tensor_parallel_size", 1), ("max_retries", 0), ("sync_bucket_mb", 1),
+                ("max_staleness", 0), ("max_lora_rank", 1), ("max_model_len", 0))
+               if getattr(self, key) < low]
+        out += [(key, f"must be > 0, got {getattr(self, key)}") for key in ("cpus_per_engine", "timeout_s", "kv_cache_gb")
+                if getattr(self, key) <= 0]
+        if not 0 < self.gpu_memory_utilization <= 1:
+            out.append(("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}"))
+        return out

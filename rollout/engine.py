@@ -13,6 +13,14 @@ from typing import Optional, Protocol, Union
 
 GIB = 1 << 30
 
+# The ranks vLLM accepts for max_lora_rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds an adapter of `rank`."""
+    return min((r for r in VLLM_LORA_RANKS if r >= rank), default=rank)
+
 Messages = list[dict]            # [{"role": ..., "content": ...}, ...]
 PromptInput = Union[list[int], Messages]  # token ids, or chat messages rendered by the chat template
 
@@ -40,6 +48,7 @@ class Generation:
     text: str
     logprobs: list[float]            # log-prob of each response token under the sampling model
     finish_reason: str               # "stop" (eos or a stop string/id) or "length"
+    policy_version: int = 0          # the weight sync the engine served it at (0: the start model)
 
 
 class Engine(Protocol):
@@ -49,11 +58,15 @@ class Engine(Protocol):
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """Log-prob of each response token given its prompt (for verifying weight sync)."""
 
-    def update_weights(self, payload: bytes) -> None:
-        """Load full or partial weights given as safetensors bytes (names as in the HF model)."""
+    def update_weights(self, payload: bytes) -> dict[str, int]:
+        """Load full or partial weights given as safetensors bytes (names as in the HF model);
+        returns the fingerprint (`rollout.weight_sync.fingerprint`) of what was loaded."""
 
     def load_adapter(self, adapter_dir: str) -> int:
         """Serve a peft LoRA adapter (a new version replaces the last); returns its version."""
+
+    def unload_adapter(self) -> None:
+        """Serve the base model alone again."""
 
 
 def vllm_device_kwargs(on_gpu: bool, dtype: str, kv_cache_gb: float, tensor_parallel_size: int,

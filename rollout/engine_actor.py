@@ -39,10 +39,13 @@ def build_engine(kind: str, model_dir: str, cfg: RolloutConfig, adapter_dir: str
 
 
 class EngineActor:
-    """Ray actor body; the pool's owner (`rollout.pool_owner`) creates these with `ray.remote(...)`."""
+    """Ray actor body; the pool's owner (`rollout.pool_owner`) creates these with `ray.remote(...)`.
+    It runs one call at a time, in the order the owner sent them, so a weight update sent
+    after a generate request reaches the engine between requests, never during one."""
 
     def __init__(self, kind: str, model_dir: str, cfg: RolloutConfig, adapter_dir: str | None = None):
         self.engine = build_engine(kind, model_dir, cfg, adapter_dir)
+        self.version = 0  # the weight sync served now (0: the start model)
 
     def ready(self) -> bool:
         return True
@@ -52,27 +55,38 @@ class EngineActor:
         return os.getpid()
 
     def generate(self, prompts: list[PromptInput], sampling: Sampling) -> list[list[Generation]]:
-        return self.engine.generate(prompts, sampling)
+        groups = self.engine.generate(prompts, sampling)
+        for group in groups:
+            for generation in group:
+                generation.policy_version = self.version
+        return groups
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         return self.engine.score(prompt_ids, response_ids)
 
-    def update_weights(self, bucket_refs: list) -> float:
-        """Load every bucket (ObjectRefs of safetensors bytes); returns seconds taken."""
-        start = time.perf_counter()
-        for ref in bucket_refs:
-            self.engine.update_weights(ray.get(ref))
-        return time.perf_counter() - start
+    def update_weights(self, bucket_refs: list, version: int, sent: dict[str, int], where: str) -> dict:
+        """Load every bucket (ObjectRefs of safetensors bytes) and check that what was loaded
+        is what was `sent` (a fingerprint, `rollout.weight_sync`); `where` names this engine
+        in a `SyncError`. Returns the version now served, the tensors loaded and the seconds."""
+        from rollout.weight_sync import check_fingerprint
 
-    def load_checkpoint(self, model_dir: str, bucket_mb: float) -> float:
-        """Load a saved model's weights (every tensor, bucket by bucket, as a sync would);
-        returns seconds taken."""
+        start = time.perf_counter()
+        loaded: dict[str, int] = {}
+        for ref in bucket_refs:
+            loaded.update(self.engine.update_weights(ray.get(ref)))
+        check_fingerprint(sent, loaded, where)
+        self.version = version
+        return {"version": version, "tensors": len(loaded), "seconds": time.perf_counter() - start}
+
+    def load_checkpoint(self, model_dir: str, bucket_mb: float) -> dict:
+        """Load a saved model's weights (every tensor, bucket by bucket, as a sync would) as
+        version 0."""
         from rollout.weight_sync import checkpoint_buckets
 
         start = time.perf_counter()
-        for payload in checkpoint_buckets(model_dir, bucket_mb):
-            self.engine.update_weights(payload)
-        return time.perf_counter() - start
+        tensors = sum(len(self.engine.update_weights(payload)) for payload in checkpoint_buckets(model_dir, bucket_mb))
+        self.version = 0
+        return {"version": 0, "tensors": tensors, "seconds": time.perf_counter() - start}
 
     def load_adapter(self, adapter_dir: str) -> int:
         return self.engine.load_adapter(adapter_dir)

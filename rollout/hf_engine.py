@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rollout.engine import Generation, PromptInput, Sampling
 from rollout.inputs import check_safetensors, check_sampling, load_tokenizer, prompt_ids
-from rollout.weight_sync import check_names, unpack
+from rollout.weight_sync import check_fingerprint, check_names, fingerprint, unpack
 
 MAX_SEQUENCES = 64  # rows per forward batch (prompts x n): bounds activation memory
 
@@ -139,9 +139,10 @@ class HFEngine:
                     out.append(lp[k, len(prompt) - 1: len(prompt) - 1 + n_resp].tolist())
         return out
 
-    def update_weights(self, payload: bytes) -> None:
+    def update_weights(self, payload: bytes) -> dict[str, int]:
         """Load (part of) the base model's weights, named as in the plain HF model; with an
-        adapter loaded the names are mapped onto peft's wrapped modules."""
+        adapter loaded the names are mapped onto peft's wrapped modules. The tensors are
+        read back from the model and checked; returns the fingerprint of those received."""
         weights = unpack(payload)
         names = {}
         for actual in self.model.state_dict():
@@ -149,6 +150,10 @@ class HFEngine:
                 names[actual.removeprefix("base_model.model.").replace(".base_layer.", ".")] = actual
         check_names(weights, set(names))
         self.model.load_state_dict({names[n]: t for n, t in weights.items()}, strict=False)
+        state = self.model.state_dict()
+        check_fingerprint(fingerprint({n: t.to(state[names[n]].dtype) for n, t in weights.items()}),
+                          fingerprint({n: state[names[n]] for n in weights}), "transformers engine")
+        return fingerprint(weights)
 
     def load_adapter(self, adapter_dir: str | Path) -> int:
         """Wrap the base with a peft LoRA adapter, replacing the previous one."""
@@ -156,11 +161,16 @@ class HFEngine:
 
         if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
             raise ValueError(f"{adapter_dir}: no adapter_model.safetensors")
-        if self.model is not self.base:
-            self.base = self.model.unload()  # strip the old LoRA layers, keep the base weights
+        self.unload_adapter()
         self.model = PeftModel.from_pretrained(self.base, str(adapter_dir), is_trainable=False).eval()
         self.adapter_version += 1
         return self.adapter_version
+
+    def unload_adapter(self) -> None:
+        """Serve the base model alone again."""
+        if self.model is not self.base:
+            self.base = self.model.unload()  # strip the LoRA layers, keep the base weights
+            self.model = self.base
 
 
 class _RawLogprobRecorder:

@@ -4,7 +4,8 @@
 an engine that dies is replaced (at the weights and adapter the pool last synced) and its
 share re-issued, so `generate` returns complete results or raises `RolloutError` after a
 bounded number of retries. Weight sync sends size-bounded safetensors buckets through the
-object store once, and every engine loads them.
+object store once, and every engine loads them and confirms the sync's version and
+fingerprint. A request can be sent (`submit`) and collected (`result`) apart.
 
 The engines, their placement group and the synced weights belong to one owner actor
 (`rollout.pool_owner.PoolOwner`). `RolloutPool` is a small handle to it: the driver
@@ -35,6 +36,7 @@ class SyncReport:
     engine_seconds: float   # slowest engine's load time
     bytes: int
     buckets: int
+    version: int            # the weight version every engine confirmed
 
 
 def pool_wait_s(cfg: RolloutConfig) -> float:
@@ -73,20 +75,33 @@ class RolloutPool:
         """`sampling.n` generations per prompt, in input order, spread over the engines."""
         return self._wait(self.owner.generate.remote(prompts, sampling), "generate")
 
+    def submit(self, prompts: list[PromptInput], sampling: Sampling) -> int:
+        """Send a generation request to the engines and return once it is sent (a ticket for
+        `result`): a sync made after this returns reaches every engine after the request."""
+        return self._wait(self.owner.submit.remote(prompts, sampling), "submit")
+
+    def result(self, ticket: int) -> list[list[Generation]]:
+        """The generations of a `submit`ted request, as `generate` returns them."""
+        return self._wait(self.owner.result.remote(ticket), "result")
+
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         return self._wait(self.owner.score.remote(prompt_ids, response_ids), "score")
 
-    def sync_weights(self, state_dict: dict) -> SyncReport:
-        """Push (a subset of) the model's tensors to every engine; the pool keeps them for
-        engines that start later."""
-        from rollout.weight_sync import pack_state
+    def sync_weights(self, state_dict: dict, version: int | None = None) -> SyncReport:
+        """Push (a subset of) the model's tensors to every engine as weight version `version`
+        (default: the pool's next); the pool keeps them for engines that start later. Every
+        engine confirms the version and the fingerprint of what it loaded, or the call
+        raises (`SyncError` naming the engine and the tensors, or `RolloutError`)."""
+        from rollout.weight_sync import fingerprint, pack_state
 
         start = time.perf_counter()
+        sent = fingerprint(state_dict)
         buckets = pack_state(state_dict, self.cfg.sync_bucket_mb)
         sizes = [len(b) for b in buckets]
         refs = [ray.put(buckets.pop(0)) for _ in range(len(buckets))]
-        engine_seconds = self._wait(self.owner.sync_weights.remote(refs), "sync_weights")
-        return SyncReport(time.perf_counter() - start, engine_seconds, sum(sizes), len(sizes))
+        confirmed = self._wait(self.owner.sync_weights.remote(refs, sent, version), "sync_weights")
+        return SyncReport(time.perf_counter() - start, max(c["seconds"] for c in confirmed), sum(sizes), len(sizes),
+                          confirmed[0]["version"])
 
     def reset(self) -> float:
         """Back to the start model on every engine (for another run on this pool); returns

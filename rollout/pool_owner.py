@@ -3,9 +3,17 @@ at once) that holds the engine actors, their placement group and the last synced
 It is the only place that knows which engine serves which slot: a dead engine is replaced
 in its own bundle once, however many callers saw it die, and loads the last synced weights
 (and serves the pool's adapter) before it serves again. Callers reach it through
-`rollout.pool.RolloutPool`, which bounds every wait."""
+`rollout.pool.RolloutPool`, which bounds every wait.
+
+Generation can be sent and collected apart (`submit`, then `result`), so a trainer can
+train while the engines generate its next steps. Each engine runs its calls one at a time
+in the order this owner sent them: a sync sent after a request reaches an engine after
+that request, and every generation records the sync version it was served at."""
 
 from __future__ import annotations
+
+import itertools
+import threading
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -14,7 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rollout.config import RolloutConfig
 from rollout.engine import Generation, PromptInput, Sampling
 from rollout.engine_actor import EngineActor, resolve_engine_kind
-from rollout.slots import Slots, gather, split_evenly
+from rollout.slots import Gathering, Slots, split_evenly
 
 
 class RolloutError(RuntimeError):
@@ -34,10 +42,14 @@ class PoolOwner:
         self.group = placement_group([dict(bundle) for _ in range(cfg.num_engines)],
                                      strategy=cfg.placement.upper())  # PACK or SPREAD (best effort)
         # Every sync's buckets (ObjectRefs put by this actor, so they outlive any trainer) as
-        # (tensor names, ref), in order, less those a later sync wholly overwrote: replayed on
-        # a replacement engine they give it exactly what the live engines hold.
-        self.weights: list[tuple[frozenset, object]] = []
+        # (tensor names, ref, their fingerprints), in order, less those a later sync wholly
+        # overwrote: replayed on a replacement engine they give it exactly what the live
+        # engines hold, at `version`.
+        self.weights: list[tuple[frozenset, object, dict]] = []
+        self.version = 0
         self.engines: Slots | None = None
+        self.requests: dict[int, tuple[Gathering, list[range]]] = {}  # submitted, not yet collected
+        self.tickets, self.requests_lock = itertools.count(1), threading.Lock()
 
     def start(self) -> str:
         """Start every engine; returns the engine kind once all are ready."""
@@ -61,53 +73,88 @@ class PoolOwner:
         """Ready, and at the last synced weights (the adapter is loaded by the constructor)."""
         ray.get(engine.ready.remote(), timeout=timeout_s)
         if self.weights:
-            ray.get(engine.update_weights.remote([ref for _, ref in self.weights]), timeout=timeout_s)
+            sent = {n: crc for _, _, crcs in self.weights for n, crc in crcs.items()}
+            ray.get(engine.update_weights.remote([ref for _, ref, _ in self.weights], self.version, sent,
+                                                 "a replacement engine"), timeout=timeout_s)
 
-    def _call_all(self, shards: list, method: str, args_for) -> list:
-        """`method` on engine i with `args_for(shard i)`; a dead or hung engine's share is
-        re-issued on its replacement."""
-        return gather(self.engines.current, self.engines.replace, shards,
-                      lambda engine, shard: getattr(engine, method).remote(*args_for(shard)), role="engine",
-                      error=RolloutError, timeout_s=self.cfg.timeout_s, max_retries=self.cfg.max_retries)
+    def _send(self, shards: list, method: str, args_for) -> Gathering:
+        """`method` sent to engine i with `args_for(shard i)`; a dead or hung engine's share is
+        re-issued on its replacement while the result is waited for."""
+        return Gathering(self.engines.current, self.engines.replace, shards,
+                         lambda engine, shard: getattr(engine, method).remote(*args_for(shard)), role="engine",
+                         error=RolloutError, timeout_s=self.cfg.timeout_s, max_retries=self.cfg.max_retries)
 
-    def generate(self, prompts: list[PromptInput], sampling: Sampling) -> list[list[Generation]]:
+    def _each_engine(self, method: str, args_for) -> list:
+        """`method` on every engine with `args_for(index)`, waited for."""
+        return self._send([range(i, i + 1) for i in range(len(self.engines))], method,
+                          lambda shard: args_for(shard.start)).wait()
+
+    def submit(self, prompts: list[PromptInput], sampling: Sampling) -> int:
+        """Send a generation request to the engines now; returns the ticket `result` takes."""
         shards = split_evenly(len(prompts), len(self.engines))
-        parts = self._call_all(shards, "generate", lambda shard: ([prompts[k] for k in shard], sampling))
+        request = self._send(shards, "generate", lambda shard: ([prompts[k] for k in shard], sampling))
+        with self.requests_lock:
+            ticket = next(self.tickets)
+            self.requests[ticket] = (request, shards)
+        return ticket
+
+    def result(self, ticket: int) -> list[list[Generation]]:
+        """The generations of a submitted request, in input order (each ticket once)."""
+        with self.requests_lock:
+            if ticket not in self.requests:
+                raise RolloutError(f"no pending generation request {ticket} (collected already, or dropped by "
+                                   "a reset of the pool)")
+            request, shards = self.requests.pop(ticket)
         out: list[list[Generation]] = []
-        for shard, part in zip(shards, parts):
+        for shard, part in zip(shards, request.wait()):
             for group in part:
                 for g in group:
                     g.prompt_index += shard.start  # engine-local -> request index
                 out.append(group)
         return out
 
+    def generate(self, prompts: list[PromptInput], sampling: Sampling) -> list[list[Generation]]:
+        return self.result(self.submit(prompts, sampling))
+
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         shards = split_evenly(len(prompt_ids), len(self.engines))
-        parts = self._call_all(shards, "score", lambda s: ([prompt_ids[k] for k in s], [response_ids[k] for k in s]))
+        parts = self._send(shards, "score", lambda s: ([prompt_ids[k] for k in s], [response_ids[k] for k in s])).wait()
         return [row for part in parts for row in part]
 
-    def sync_weights(self, bucket_refs: list) -> float:
-        """Keep a copy of the buckets (the caller's refs die with the caller) and load them
-        on every engine; returns the slowest engine's load time."""
+    def sync_weights(self, bucket_refs: list, sent: dict[str, int], version: int | None = None) -> list[dict]:
+        """Keep a copy of the buckets (the caller's refs die with the caller) and load them on
+        every engine as `version` (default: the next); each engine checks what it loaded
+        against the fingerprint `sent` and confirms. Returns each engine's confirmation."""
         from rollout.weight_sync import payload_names
 
         with self.engines.lock:  # no replacement starts from the previous weights meanwhile
             payloads = [ray.get(ref, timeout=self.cfg.timeout_s) for ref in bucket_refs]
-            synced = [(frozenset(payload_names(p)), ray.put(p)) for p in payloads]
-            covered = frozenset().union(*(names for names, _ in synced))
-            self.weights = [(names, ref) for names, ref in self.weights if not names <= covered] + synced
-            refs = [ref for _, ref in synced]
-            seconds = self._call_all([range(1)] * len(self.engines), "update_weights", lambda _: (refs,))
-        return max(seconds)
+            synced = [(frozenset(names), ray.put(p), {n: sent.get(n) for n in names})
+                      for p, names in ((p, payload_names(p)) for p in payloads)]
+            covered = frozenset().union(*(names for names, _, _ in synced))
+            if covered != set(sent):
+                raise RolloutError(f"a weight sync's buckets hold {len(covered)} tensors, its fingerprint "
+                                   f"{len(sent)}: {sorted(covered ^ set(sent))[:3]} differ")
+            self.version = self.version + 1 if version is None else version
+            self.weights = [w for w in self.weights if not w[0] <= covered] + synced
+            refs = [ref for _, ref, _ in synced]
+            confirmed = self._each_engine("update_weights", lambda i: (refs, self.version, sent, f"engine {i}"))
+        for i, confirmation in enumerate(confirmed):
+            if confirmation.get("version") != self.version or confirmation.get("tensors") != len(sent):
+                raise RolloutError(f"engine {i} confirmed {confirmation} after weight sync {self.version} of "
+                                   f"{len(sent)} tensors")
+        return confirmed
 
     def reset(self) -> float:
-        """Every engine back at the start model and the kept weights dropped, so another run
-        can start on this pool; returns the slowest engine's load time."""
+        """Every engine back at the start model (version 0), the kept weights and pending
+        requests dropped, so another run can start on this pool; returns the slowest
+        engine's load time."""
         with self.engines.lock:
-            self.weights = []
-            seconds = self._call_all([range(1)] * len(self.engines), "load_checkpoint",
-                                     lambda _: (self.model_dir, self.cfg.sync_bucket_mb))
-        return max(seconds)
+            self.weights, self.version = [], 0
+            with self.requests_lock:
+                self.requests.clear()
+            loaded = self._each_engine("load_checkpoint", lambda _: (self.model_dir, self.cfg.sync_bucket_mb))
+        return max(c["seconds"] for c in loaded)
 
     def engine_handles(self) -> list:
         return self.engines.handles() if self.engines else []

@@ -3,8 +3,8 @@ engines, the reward actors, the teacher). A slot holds one actor and a generatio
 `Slots.replace` starts a new actor in a dead one's slot once, however many callers saw it
 die (a caller names the generation it saw; a newer one means someone replaced it already),
 and brings it up (ready, then e.g. the last synced weights) before anyone can use it.
-`gather` sends each slot its share of a batch and re-issues a dead actor's share on its
-replacement, a bounded number of times. Every wait has a timeout."""
+`Gathering` sends each slot its share of a batch and re-issues a dead actor's share on
+its replacement, a bounded number of times. Every wait has a timeout."""
 
 from __future__ import annotations
 
@@ -101,44 +101,62 @@ class Slots:
             kill_quietly(handle)
 
 
-def gather(current: Callable, replace: Callable, shards: list, issue: Callable, *, role: str,
-           error: type[Exception], timeout_s: float, max_retries: int, on_timeout: str = "replace") -> list:
-    """`issue(handle, shard)` (an ObjectRef) on slot i's actor for each non-empty shard i;
-    the results in shard order ([] for an empty shard). `current(i)` gives (handle,
-    generation) of slot i, `replace(i, generation, why)` a replacement. A lost actor's share
-    is re-issued on its replacement up to `max_retries` times, then `error` names the slot
-    and why. A share that takes longer than `timeout_s` is treated as lost with
-    on_timeout="replace" (the actor is hung), or raises `error` with on_timeout="raise"."""
-    pending: dict = {}   # ref -> (slot, generation, deadline)
-    failures = {i: 0 for i, shard in enumerate(shards) if shard}
-    results = {}
+class Gathering:
+    """`issue(handle, shard)` (an ObjectRef) sent to slot i's actor for each non-empty shard
+    i when made; `wait` gives the results in shard order ([] for an empty shard). Made and
+    waited on apart, the shares run while the caller does something else. `current(i)`
+    gives (handle, generation) of slot i, `replace(i, generation, why)` a replacement. A
+    lost actor's share is re-issued on its replacement up to `max_retries` times, then
+    `error` names the slot and why. A share that takes longer than `timeout_s` (from its
+    sending or the start of `wait`, whichever is later) is treated as lost with on_timeout="replace" (the actor is hung), or raises
+    `error` with on_timeout="raise"."""
 
-    def send(i: int, handle, generation: int) -> None:
-        pending[issue(handle, shards[i])] = (i, generation, time.monotonic() + timeout_s)
+    def __init__(self, current: Callable, replace: Callable, shards: list, issue: Callable, *, role: str,
+                 error: type[Exception], timeout_s: float, max_retries: int, on_timeout: str = "replace"):
+        self.current, self.replace, self.shards, self.issue = current, replace, shards, issue
+        self.role, self.error, self.timeout_s, self.max_retries, self.on_timeout = (
+            role, error, timeout_s, max_retries, on_timeout)
+        self.pending: dict = {}   # ref -> (slot, generation, deadline)
+        self.failures = {i: 0 for i, shard in enumerate(shards) if shard}
+        for i in self.failures:
+            self._send(i, *current(i))
 
-    for i in failures:
-        send(i, *current(i))
-    while pending:
-        soonest = min(deadline for _, _, deadline in pending.values())
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, soonest - time.monotonic()))
-        lost = []
-        for ref in ready:
-            i, generation, _ = pending.pop(ref)
-            try:
-                results[i] = ray.get(ref, timeout=timeout_s)
-            except ACTOR_LOST as exc:
-                lost.append((i, generation, f"{type(exc).__name__}"))
-        now = time.monotonic()
-        for ref, (i, generation, deadline) in list(pending.items()):
-            if deadline <= now:
-                del pending[ref]
-                if on_timeout == "raise":
-                    raise error(f"{role} {i} did not answer within {timeout_s} s")
-                lost.append((i, generation, f"no answer within {timeout_s} s"))
-        for i, generation, why in lost:
-            failures[i] += 1
-            if failures[i] > max_retries:
-                raise error(f"{role} {i} failed {failures[i]} times (last: {why}); giving up after "
-                            f"{max_retries} retries")
-            send(i, *replace(i, generation, why))
-    return [results.get(i, []) for i in range(len(shards))]
+    def _send(self, i: int, handle, generation: int) -> None:
+        self.pending[self.issue(handle, self.shards[i])] = (i, generation, time.monotonic() + self.timeout_s)
+
+    def wait(self) -> list:
+        """The results; a share's `timeout_s` counts from here for shares sent before (an
+        engine serves its calls in turn, so a share sent early may wait behind others)."""
+        pending, results, timeout_s = self.pending, {}, self.timeout_s
+        start = time.monotonic()
+        for ref, (i, generation, deadline) in pending.items():
+            pending[ref] = (i, generation, max(deadline, start + timeout_s))
+        while pending:
+            soonest = min(deadline for _, _, deadline in pending.values())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, soonest - time.monotonic()))
+            lost = []
+            for ref in ready:
+                i, generation, _ = pending.pop(ref)
+                try:
+                    results[i] = ray.get(ref, timeout=timeout_s)
+                except ACTOR_LOST as exc:
+                    lost.append((i, generation, f"{type(exc).__name__}"))
+            now = time.monotonic()
+            for ref, (i, generation, deadline) in list(pending.items()):
+                if deadline <= now:
+                    del pending[ref]
+                    if self.on_timeout == "raise":
+                        raise self.error(f"{self.role} {i} did not answer within {timeout_s} s")
+                    lost.append((i, generation, f"no answer within {timeout_s} s"))
+            for i, generation, why in lost:
+                self.failures[i] += 1
+                if self.failures[i] > self.max_retries:
+                    raise self.error(f"{self.role} {i} failed {self.failures[i]} times (last: {why}); giving up "
+                                     f"after {self.max_retries} retries")
+                self._send(i, *self.replace(i, generation, why))
+        return [results.get(i, []) for i in range(len(self.shards))]
+
+
+def gather(current: Callable, replace: Callable, shards: list, issue: Callable, **options) -> list:
+    """Send every shard and wait for the results (`Gathering`, in one call)."""
+    return Gathering(current, replace, shards, issue, **options).wait()

@@ -15,7 +15,7 @@ require("vllm")
 
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor  # noqa: E402
 
-__all__ = ["AdapterLogitsProcessor", "add_lora", "reload_weights", "remove_lora", "shutdown"]
+__all__ = ["AdapterLogitsProcessor", "add_lora", "list_loras", "reload_weights", "remove_lora", "shutdown"]
 
 
 def reload_weights(worker, weights: dict) -> None:
@@ -26,6 +26,11 @@ def reload_weights(worker, weights: dict) -> None:
 
 def add_lora(llm, request) -> None:
     llm.llm_engine.add_lora(request)
+
+
+def list_loras(llm) -> set[int]:
+    """The LoRA ids the engine has registered."""
+    return set(llm.llm_engine.list_loras())
 
 
 def remove_lora(llm, lora_int_id: int) -> None:

@@ -21,8 +21,9 @@ from vllm.lora.request import LoRARequest
 from rollout.config import RolloutConfig
 from rollout.engine import Generation, PromptInput, Sampling, vllm_device_kwargs
 from rollout.inputs import check_safetensors, check_sampling, load_tokenizer, prompt_ids
-from rollout.vllm_compat import AdapterLogitsProcessor, add_lora, remove_lora, shutdown
-from rollout.weight_sync import check_names, check_whole_layers, checkpoint_names, payload_names, sync_groups
+from rollout.vllm_compat import AdapterLogitsProcessor, add_lora, list_loras, remove_lora, shutdown
+from rollout.weight_sync import (check_fingerprint, check_names, check_whole_layers, checkpoint_names, payload_names,
+                                 sync_groups)
 
 FORCE_KEY = "rayft_force"
 
@@ -115,14 +116,18 @@ class VLLMEngine:
             scores[i] = [step[t].logprob for step, t in zip(sample.logprobs, sample.token_ids, strict=True)]
         return scores
 
-    def update_weights(self, payload: bytes) -> None:
+    def update_weights(self, payload: bytes) -> dict[str, int]:
         """Load one bucket of HF-named weights into every worker, in place; a partial update
-        must carry whole decoder layers (see `rollout.weight_sync`)."""
+        must carry whole decoder layers (see `rollout.weight_sync`). Returns the fingerprint
+        of what the workers loaded (one that differs between workers is a `SyncError`)."""
         names = payload_names(payload)
         check_names(names, self.weight_names)
         check_whole_layers(names, self.weight_groups)
-        self.llm.collective_rpc("rayft_load_weights", args=(payload,))
+        loaded = self.llm.collective_rpc("rayft_load_weights", args=(payload,))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        for rank, worker in enumerate(loaded[1:], start=1):
+            check_fingerprint(loaded[0], worker, f"vLLM worker {rank}")
+        return loaded[0]
 
     def load_adapter(self, adapter_dir: str | Path) -> int:
         """Serve a peft LoRA adapter from now on, as a new version (a new LoRA id: vLLM
@@ -134,10 +139,17 @@ class VLLMEngine:
         version = self.adapter_version + 1
         request = LoRARequest(f"rayft-adapter-v{version}", version, str(Path(adapter_dir).resolve()))
         add_lora(self.llm, request)  # load now, so a bad adapter fails here and not mid-rollout
-        if self.lora is not None:
-            remove_lora(self.llm, self.lora.lora_int_id)
+        if version not in list_loras(self.llm):
+            raise RuntimeError(f"vLLM did not register adapter {adapter_dir} (LoRA id {version})")
+        self.unload_adapter()
         self.lora, self.adapter_version = request, version
         return version
+
+    def unload_adapter(self) -> None:
+        """Serve the base model alone again."""
+        if self.lora is not None:
+            remove_lora(self.llm, self.lora.lora_int_id)
+            self.lora = None
 
     def shutdown(self) -> None:
         """Stop vLLM's engine-core and worker processes now rather than at garbage collection."""

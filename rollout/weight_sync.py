@@ -28,6 +28,12 @@ untested NCCL plumbing is worse than none. The byte buckets should work on GPU t
 weight loaders copy the CPU tensors onto the device), only slower; not tried here, as
 there is no GPU build of vLLM in this environment.
 
+Every sync carries a version and a fingerprint (a CRC-32 of each tensor's bytes, taken
+by the trainer from its own state dict): each engine fingerprints what it loaded (vLLM:
+what every worker handed to its loader; transformers: the model's tensors read back after
+loading) and `check_fingerprint` names any tensor that is missing or differs, so a sync
+that did not arrive whole fails the step instead of leaving stale weights unnoticed.
+
 Bucket size: on CPU, syncing a 128 MiB model took 1.6 s as one bucket and 0.4 s as
 32 MiB buckets (large collective_rpc messages take vLLM's slower overflow path).
 """
@@ -52,6 +58,31 @@ def sync_groups(names: Iterable[str]) -> list[list[str]]:
         key = ".".join(parts[: index + 1]) if index is not None else name
         groups.setdefault(key, []).append(name)
     return list(groups.values())
+
+
+def fingerprint(tensors: Mapping) -> dict[str, int]:
+    """CRC-32 of each tensor's bytes (dtype and layout as stored), by name."""
+    import zlib
+
+    import torch
+
+    return {name: zlib.crc32(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+
+
+class SyncError(RuntimeError):
+    """An engine did not load what a weight sync sent."""
+
+
+def check_fingerprint(sent: Mapping[str, int], loaded: Mapping[str, int], where: str) -> None:
+    """Every tensor sent was loaded with the same bytes; else a `SyncError` naming `where`
+    (the engine) and the tensors."""
+    missing = sorted(set(sent) - set(loaded))
+    differ = sorted(n for n in sent if n in loaded and loaded[n] != sent[n])
+    if missing or differ:
+        parts = [f"{label} {', '.join(names[:3])}" + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
+                 for label, names in (("not loaded:", missing), ("loaded with other bytes:", differ)) if names]
+        raise SyncError(f"{where}: weight sync incomplete; {'; '.join(parts)}")
 
 
 def pack_state(state_dict: Mapping, bucket_mb: float) -> list[bytes]:
@@ -159,11 +190,12 @@ class WeightSyncExtension:
     vLLM refuses an extension whose attribute names clash with the worker's (the worker
     already has `update_weights`, for its own weight-transfer API)."""
 
-    def rayft_load_weights(self, payload: bytes) -> int:
+    def rayft_load_weights(self, payload: bytes) -> dict[str, int]:
+        """Load one bucket; returns the fingerprint of the tensors handed to the loader."""
         from rollout.vllm_compat import reload_weights  # here: trainers import this module, never vLLM
 
         weights = unpack(payload)
         # The worker's reload_weights = checkpoint-format load + per-layer repacking; it
         # also drops loaded LoRA adapters (they are re-read from disk on next use).
         reload_weights(self, weights)
-        return len(weights)
+        return fingerprint(weights)

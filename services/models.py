@@ -10,11 +10,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rollout.engine import vllm_lora_rank
 from rollout.inputs import check_safetensors
 from services.config import ServeConfig, ServeConfigError
 
-# The ranks vLLM accepts for max_lora_rank.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 @dataclass
@@ -48,7 +47,7 @@ def resolve_served(cfg: ServeConfig) -> ServedModel:
         raise ServeConfigError("max_lora_rank", f"{rank} is below the largest adapter rank {max(ranks)}")
     return ServedModel(model_id=cfg.model_id or _run_name(base_dir), base_dir=str(base_dir),
                        adapters={name: str(path) for name, path in adapters.items()},
-                       max_lora_rank=min((r for r in VLLM_LORA_RANKS if r >= rank), default=rank) if ranks else 0)
+                       max_lora_rank=vllm_lora_rank(rank) if ranks else 0)
 
 
 def _model_dir(path: str, key: str) -> Path:

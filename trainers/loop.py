@@ -214,19 +214,26 @@ def _save_final(strategy, method, run_dir: Path, worker: Worker) -> None:
         save_final(run_dir, strategy.module, method.tokenizer, state_dict=state)
 
 
-def restore_progress(strategy, worker: Worker, progress_cls=Progress):
+def restore_progress(strategy, worker: Worker, progress_cls=Progress, read_rank_files=None):
     """The loop state of the last complete checkpoint (weights and optimizer restored
-    into `strategy`), or a fresh `progress_cls()` when the run starts."""
+    into `strategy`), or a fresh `progress_cls()` when the run starts. `read_rank_files
+    (directory, rank)` reads what `report_checkpoint`'s `write_rank_files` wrote."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return progress_cls()
     with checkpoint.as_directory() as directory:
         state = load_checkpoint(Path(directory), strategy, worker.rank)
+        if read_rank_files is not None:
+            read_rank_files(Path(directory), worker.rank)
     return progress_cls(**{k: v for k, v in state.items() if k in progress_cls.__dataclass_fields__})
 
 
-def report_checkpoint(strategy, worker: Worker, progress: Progress, metrics: dict) -> None:
+def report_checkpoint(strategy, worker: Worker, progress: Progress, metrics: dict, write_rank_files=None) -> None:
+    """Save and report a checkpoint; `write_rank_files(directory, rank)` adds this rank's own
+    files to it (names that carry the rank: the ranks' directories are merged)."""
     with tempfile.TemporaryDirectory(prefix="rayft-ckpt-") as tmp:
+        if write_rank_files is not None:
+            write_rank_files(Path(tmp), worker.rank)
         save_checkpoint(Path(tmp), strategy, progress.step, worker.rank, extra=progress.as_dict())
         ray.train.report({k: v for k, v in metrics.items() if k != "step"} | {"step": progress.step},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp),

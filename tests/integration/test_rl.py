@@ -16,7 +16,7 @@ from cluster.train import run_training
 from tests.integration.faults import kill_a_worker_after_checkpoint, kill_after_step
 from trainers.batching import StepBatches, plan_steps
 from trainers.data import synth_rows
-from trainers.rl.loop import prompt_digest
+from trainers.rl.collect import digest
 
 
 def _write(path, rows):
@@ -121,8 +121,13 @@ def test_an_engine_and_a_reward_actor_killed_mid_run_do_not_end_it(sft_mixed, rl
 LORA_WITH_KL = ["peft.method=lora", "train.lr=1e-3", "algo.kl_coef=0.05", "algo.kl_in=loss"]
 
 
+# reinforce_pp samples one step ahead: each step trains on samples of the weights before the
+# last update, corrected by truncated importance weights.
+PIPELINED = ["rollout.max_staleness=1", "algo.rollout_correction=tis"]
+
+
 @pytest.mark.parametrize("estimator, steps, margin, extra", [("grpo", 30, 0.15, []), ("rloo", 30, 0.1, LORA_WITH_KL),
-                                                             ("reinforce_pp", 30, 0.1, [])])
+                                                             ("reinforce_pp", 30, 0.1, PIPELINED)])
 def test_group_rl_raises_held_out_exact_match_reward(sft_mixed, rl_data, tmp_path, rollout_pool, estimator, steps,
                                                     margin, extra):
     config, summary = _rl(tmp_path, estimator, sft_mixed, rl_data, "grpo", f"algo.estimator={estimator}",
@@ -134,13 +139,22 @@ def test_group_rl_raises_held_out_exact_match_reward(sft_mixed, rl_data, tmp_pat
     steps_rows = [r for r in _rows(config.run_dir) if "reward_mean" in r]
     assert [r["step"] for r in steps_rows] == list(range(1, steps + 1))
     assert steps_rows[-1]["response_length"] < steps_rows[0]["response_length"]  # "The answer is" is dropped
-    # The engines sample from the trainer's current weights: same log-probs after every sync.
-    assert max(r["logprob_diff_max"] for r in steps_rows) < 1e-3
-    _check_timings(summary["timing_s_per_step"])
+    if extra is PIPELINED:
+        # Step t trained on samples of version t - 1 (the first on the start model), and the
+        # correction weights moved off 1 as the policy moved.
+        assert [r["staleness_max"] for r in steps_rows] == [0.0] + [1.0] * (steps - 1)
+        assert steps_rows[0]["logprob_diff_max"] < 1e-3 < max(r["logprob_diff_max"] for r in steps_rows)
+        assert max(r["correction_weight_max"] for r in steps_rows) > 1.01
+    else:
+        # The engines sample from the trainer's current weights: same log-probs after every sync.
+        assert max(r["logprob_diff_max"] for r in steps_rows) < 1e-3
+        assert all(r["staleness_max"] == 0 for r in steps_rows)
+        _check_timings(summary["timing_s_per_step"])
     assert summary["final_eval_reward"] == evals[-1]
     final = config.run_dir / "final"
-    assert (final / ("adapter_model.safetensors" if extra else "model.safetensors")).exists()
-    if extra:  # the step-1 policy is its reference (LoRA B = 0); the KL then grows from 0
+    lora = extra is LORA_WITH_KL
+    assert (final / ("adapter_model.safetensors" if lora else "model.safetensors")).exists()
+    if lora:  # the step-1 policy is its reference (LoRA B = 0); the KL then grows from 0
         assert abs(steps_rows[0]["kl"]) < 1e-6 and steps_rows[-1]["kl"] > 1e-4, [r["kl"] for r in steps_rows]
     if estimator == "grpo":
         html = (config.run_dir / "report.html").read_text()
@@ -189,10 +203,12 @@ def test_on_policy_distillation_lowers_divergence_to_the_teacher(sft_mixed, rl_d
     assert "final_eval_reward" not in summary  # no rewards in this run, so none is reported
 
 
-def test_killed_worker_resumes_with_the_same_remaining_prompts(sft_mixed, rl_data, tmp_path, rollout_pool):
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_killed_worker_resumes_with_the_same_remaining_prompts(sft_mixed, rl_data, tmp_path, rollout_pool, staleness):
     steps, save_every = 12, 4
     args = ["rewards.rewards=[{fn: exact_match}]", f"train.max_steps={steps}", f"train.save_every={save_every}",
-            "cluster.max_failures=2", "cluster.num_workers=2", "algo.prompts_per_step=4", "algo.eval_prompts=8"]
+            "cluster.max_failures=2", "cluster.num_workers=2", "algo.prompts_per_step=4", "algo.eval_prompts=8",
+            f"rollout.max_staleness={staleness}"]
     with kill_a_worker_after_checkpoint(tmp_path / "crash", save_every) as killed:
         config, summary = _rl(tmp_path, "crash", sft_mixed, rl_data, "grpo", *args, pool=rollout_pool)
     assert killed, "no worker was killed"
@@ -206,12 +222,18 @@ def test_killed_worker_resumes_with_the_same_remaining_prompts(sft_mixed, rl_dat
     # Every step, before and after the restart, drew the prompts of an uninterrupted run.
     plan = plan_steps(600, 4, 1, 2, 1.0, steps)
     batches = [StepBatches(plan, rank, config.data.seed + config.train.seed) for rank in range(2)]
-    expected = {s + 1: sum(prompt_digest([i for m in b.micro_batches(s) for i in m]) for b in batches)
+    expected = {s + 1: sum(digest([i for m in b.micro_batches(s) for i in m]) for b in batches)
                 for s in range(steps)}
     assert logged == expected
     assert summary["steps"] == steps
-    # The restarted workers re-sync the engines, which served weights newer than the
-    # checkpoint: every step after the resume samples from the trainer's weights.
     after = [r for r in _steps(config.run_dir) if r["step"] > resumes[0]["step"]]
     assert len(after) == steps - resumes[0]["step"]
-    assert max(r["logprob_diff_max"] for r in after) < 1e-4, [r["logprob_diff_max"] for r in after]
+    if staleness == 0:
+        # The restarted workers re-sync the engines, which served weights newer than the
+        # checkpoint: every step after the resume samples from the trainer's weights.
+        assert max(r["logprob_diff_max"] for r in after) < 1e-4, [r["logprob_diff_max"] for r in after]
+    # Each step trained on samples of the weight version an uninterrupted run would use:
+    # after the resume, the samples in flight at the checkpoint (not new ones from the
+    # checkpoint's weights), then requests at the re-synced checkpoint weights.
+    by_step = {r["step"]: r["staleness_max"] for r in _steps(config.run_dir)}
+    assert by_step == {s: float(min(s - 1, staleness)) for s in range(1, steps + 1)}, by_step

@@ -33,6 +33,11 @@ def test_yaml_and_overrides(tmp_path):
     ("data.eval_fraction=1.5", "data.eval_fraction", "must be in [0, 1)"),
     ("data.train=[{path: a, weight: 0}]", "data.train[0].weight", "must be > 0"),
     ("train=3", "train", "expected a mapping"),
+    ("rollout.timeout_s=0", "rollout.timeout_s", "must be > 0"),
+    ("rollout.max_staleness=-1", "rollout.max_staleness", "must be >= 0"),
+    ("rollout.num_engines=0", "rollout.num_engines", "must be >= 1"),
+    ("algo.correction_cap=0.5", "algo.correction_cap", "must be >= 1"),
+    ("algo.rollout_correction=is", "algo.rollout_correction", "must be one of"),
 ])
 def test_errors_name_the_key(override, key, expected):
     with pytest.raises(ConfigError) as err:

@@ -4,8 +4,8 @@ oversize tensors alone, decoder layers never split (vLLM reloads fused layers wh
 import pytest
 import torch
 
-from rollout.weight_sync import (MIB, check_names, check_whole_layers, checkpoint_buckets, pack_state, payload_names,
-                                 sync_groups, unpack)
+from rollout.weight_sync import (MIB, SyncError, check_fingerprint, check_names, check_whole_layers, checkpoint_buckets,
+                                 fingerprint, pack_state, payload_names, sync_groups, unpack)
 
 
 def _tensor_bytes(bucket: dict) -> int:
@@ -85,3 +85,14 @@ def test_part_of_a_decoder_layer_is_refused():
     check_whole_layers(["model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight"], groups)
     with pytest.raises(ValueError, match="k_proj"):
         check_whole_layers(["model.layers.0.self_attn.q_proj.weight"], groups)
+
+
+def test_a_fingerprint_names_the_tensor_that_did_not_arrive_or_changed():
+    state = {"a.weight": torch.randn(4, 4), "b.weight": torch.randn(3).to(torch.bfloat16), "c.weight": torch.zeros(2)}
+    sent = fingerprint(state)
+    loaded = {k: v for b in pack_state(state, bucket_mb=1) for k, v in unpack(b).items()}
+    check_fingerprint(sent, fingerprint(loaded), "engine 0")
+    loaded["b.weight"] = loaded["b.weight"] + 1
+    del loaded["c.weight"]
+    with pytest.raises(SyncError, match=r"engine 3: .*not loaded: c.weight.*other bytes: b.weight"):
+        check_fingerprint(sent, fingerprint(loaded), "engine 3")

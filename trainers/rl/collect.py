@@ -5,6 +5,7 @@ the teacher actor, and the same for evaluation (greedy, on held-out prompts)."""
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,12 @@ import torch
 
 from rollout.engine import Sampling
 from trainers.rl.experience import Experience, build_experience
+
+
+def digest(numbers: list[int]) -> int:
+    """A checksum of a worker's prompt indices or sampled tokens (summed over workers in the
+    log), so a resumed run can be checked to see what an uninterrupted one would."""
+    return zlib.crc32(",".join(map(str, numbers)).encode())
 
 
 @dataclass
@@ -34,13 +41,24 @@ class Collector:
         return Sampling(n=self.algo.samples_per_prompt, temperature=self.algo.temperature, top_p=self.algo.top_p,
                         max_new_tokens=self.algo.max_new_tokens, seed=seed)
 
-    def collect(self, records: list, step: int) -> tuple[Experience, dict, dict]:
-        """(experience, timings, metrics) of one step's prompts."""
+    def submit(self, records: list, step: int) -> int:
+        """Send step `step`'s generation request to the pool (a ticket for `result`)."""
+        return self.services.pool.submit([r.prompt_messages for r in records], self.sampling(step))
+
+    def result(self, ticket: int) -> list:
+        return self.services.pool.result(ticket)
+
+    def collect(self, records: list, step: int, pending=None) -> tuple[Experience, dict, dict]:
+        """(experience, timings, metrics) of one step's prompts; `pending()` gives their
+        generations where they were requested ahead (`trainers.rl.pipeline`)."""
         timings = {}
         t = time.perf_counter()
-        groups = self.services.pool.generate([r.prompt_messages for r in records], self.sampling(step))
+        if pending is None:
+            groups = self.services.pool.generate([r.prompt_messages for r in records], self.sampling(step))
+        else:
+            groups = pending()
         generations = [g for group in groups for g in group]
-        timings["generate_s"] = time.perf_counter() - t
+        timings["generate_s"] = time.perf_counter() - t  # with pending requests: the wait for them
         t = time.perf_counter()
         scores, terms = self.rewards(records, generations)
         timings["score_s"] = time.perf_counter() - t
@@ -53,6 +71,8 @@ class Collector:
         metrics = {"reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std(unbiased=False)),
                    "response_length": float(lengths.mean()),
                    "truncated": sum(g.finish_reason == "length" for g in generations) / len(generations),
+                   "staleness_max": float(step - min(g.policy_version for g in generations)),
+                   "sample_digest": float(digest([t for g in generations for t in g.response_ids])),
                    **{f"reward_{name}": sum(v) / len(v) for name, v in terms.items()}}
         return exp, timings, metrics
 

@@ -1,6 +1,7 @@
 """The RL loop of `method: ppo | grpo | distill (on_policy)`, run inside each Ray Train
 worker. Each step a worker draws its share of prompts (a pure function of the step, so
-a resumed run sees the same remaining prompts), samples responses from the rollout pool,
+a resumed run sees the same remaining prompts), samples responses from the rollout pool
+(requested `rollout.max_staleness` steps ahead where set: `trainers.rl.pipeline`),
 has them scored by the reward actors (or the teacher actor), computes log-probs, values
 and advantages, updates over `ppo_epochs` x `mini_batches`, and rank 0 pushes the new
 weights to the engines. Evaluation samples greedily on held-out prompts.
@@ -12,7 +13,6 @@ in: they outlive a restarted worker group, which re-syncs them from its checkpoi
 from __future__ import annotations
 
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +22,9 @@ import torch
 from trainers.batching import StepBatches, plan_steps
 from trainers.loop import Progress, Worker, log_peak_memory, report_checkpoint, restore_progress, seed_everything
 from trainers.metrics import MetricsLog
-from trainers.rl.collect import Collector
+from trainers.rl.collect import Collector, digest
 from trainers.rl.correction import correction_weights
+from trainers.rl.pipeline import RolloutPipeline
 from trainers.rl.experience import Experience, at_response, token_logp
 from trainers.reference import Reference
 from trainers.rl.model import build_rl_model, engine_weights, policy_state
@@ -36,12 +37,6 @@ from trainers.strategy import all_reduce_max, all_reduce_sum, build_strategy, un
 class RLProgress(Progress):
     kl_coef: float = 0.0
     prompts_seen: int = 0    # prompts drawn so far by all workers: the data position
-
-
-def prompt_digest(prompt_ids: list[int]) -> int:
-    """A checksum of the prompts a worker drew (summed over workers in the log), so a
-    resumed run can be checked to see the same prompts an uninterrupted one would."""
-    return zlib.crc32(",".join(map(str, prompt_ids)).encode())
 
 
 def rl_worker(loop_config: dict) -> None:
@@ -76,22 +71,30 @@ class RLLoop:
 
     def run(self) -> None:
         job, worker = self.job, self.worker
-        progress = restore_progress(self.strategy, worker, RLProgress)
+        batches = StepBatches(self.plan, worker.rank, job.data.seed + job.train.seed)
+        step_prompts = lambda step: [i for micro in batches.micro_batches(step) for i in micro]  # noqa: E731
+        pipeline = None
+        if job.rollout.max_staleness:
+            pipeline = RolloutPipeline(self.collector, job.rollout.max_staleness, self.plan.total_steps,
+                                       lambda step: [self.datasets.train[i] for i in step_prompts(step)])
+        progress = restore_progress(self.strategy, worker, RLProgress, pipeline and pipeline.restore)
         log = MetricsLog(self.run_dir / "metrics.jsonl", worker.is_main, resume_step=progress.step)
         if progress.step > 0:
             self.kl.coef = progress.kl_coef
             log.write({"step": progress.step, "event": "resume", "prompts_seen": progress.prompts_seen})
-            self.sync()  # the engines may hold weights newer than this checkpoint
+            self.sync(progress.step)  # the engines may hold weights newer than this checkpoint
         else:
             seed_everything(job.train.seed * 1000 + worker.rank)
             log.write({"step": 0, "event": "start", "total_steps": self.plan.total_steps,
                        **describe_trainable(self.strategy.module)})
             log.write({"step": 0, **self.evaluate()})
-        batches = StepBatches(self.plan, worker.rank, job.data.seed + job.train.seed)
         for step in range(progress.step, self.plan.total_steps):
-            prompt_ids = [i for micro in batches.micro_batches(step) for i in micro]
-            row = self.step(step, [self.datasets.train[i] for i in prompt_ids])
-            (row["prompt_digest"],) = all_reduce_sum([prompt_digest(prompt_ids)], worker.device)
+            prompt_ids = step_prompts(step)
+            if pipeline is not None:
+                pipeline.fill(step)
+            pending = None if pipeline is None else (lambda step=step: pipeline.take(step))
+            row = self.step(step, [self.datasets.train[i] for i in prompt_ids], pending)
+            (row["prompt_digest"],) = all_reduce_sum([digest(prompt_ids)], worker.device)
             progress.step = done = step + 1
             progress.prompts_seen = done * self.plan.samples_per_step
             progress.kl_coef = self.kl.coef
@@ -102,20 +105,20 @@ class RLLoop:
             if done % job.train.log_every == 0 or last or any(k.startswith("eval_") for k in row):
                 log.write(row)
             if (job.train.save_every and done % job.train.save_every == 0) or last:
-                report_checkpoint(self.strategy, worker, progress, row)
+                report_checkpoint(self.strategy, worker, progress, row, pipeline and pipeline.save)
         self.save_final()
         log_peak_memory(log, worker, progress.step)
 
-    def step(self, step: int, records: list) -> dict:
+    def step(self, step: int, records: list, pending=None) -> dict:
         started = time.perf_counter()
-        exp, timings, metrics = self.collector.collect(records, step)
+        exp, timings, metrics = self.collector.collect(records, step, pending)
         exp = exp.to(self.worker.device)
         t = time.perf_counter()
         metrics.update(self.score_old(exp))
         metrics.update(self.objective.prepare(exp, self.algo.samples_per_prompt))
         metrics.update(self.update(exp, step))
         timings["train_s"] = time.perf_counter() - t
-        timings["sync_s"] = self.sync()
+        timings["sync_s"] = self.sync(step + 1)
         if self.job.rollout.verify_sync:
             metrics["sync_gap_max"] = self.sync_gap(exp)
         timings["step_s"] = time.perf_counter() - started
@@ -203,14 +206,15 @@ class RLLoop:
                 count += 1
         return {k: v / count for k, v in sums.items()} | first | {"lr": self.strategy.lr}
 
-    def sync(self) -> float:
-        """Rank 0 pushes the policy to the engines; every worker waits for it (so no one
-        samples from stale weights). Returns the sync's wall time."""
+    def sync(self, version: int) -> float:
+        """Rank 0 pushes the policy after `version` updates to the engines, which confirm
+        it; every worker waits for it (so no one samples from stale weights). Returns the
+        sync's wall time."""
         started = time.perf_counter()
         state = engine_weights(self.strategy, self.worker.is_main, self.job.peft.method)
         seconds = 0.0
         if self.worker.is_main:
-            self.pool.sync_weights(state)
+            self.pool.sync_weights(state, version)
             seconds = time.perf_counter() - started
         (seconds,) = all_reduce_sum([seconds], self.worker.device)  # also the barrier
         return seconds
