@@ -115,6 +115,8 @@ class JobConfig:
             if peft not in ("none", "lora"):
                 raise ConfigError("peft.method", f"method {self.method} syncs weights to the rollout engines, "
                                                   f"which serve full weights or LoRA; got {peft}")
+            if self.rollout.lora_sync == "adapter" and peft != "lora":
+                raise ConfigError("rollout.lora_sync", f"adapter syncs a LoRA adapter; peft.method is {peft}")
             if self.data.packing:
                 raise ConfigError("data.packing", f"does not apply to method {self.method} (prompts are not packed)")
             if self.method == "grpo" and self.algo.estimator != "reinforce_pp" and self.algo.samples_per_prompt < 2:
@@ -130,6 +132,21 @@ class JobConfig:
     def uses_rollouts(self) -> bool:
         """True when the run samples from the rollout pool (and so runs the RL loop)."""
         return self.spec.on_policy(self)
+
+    @property
+    def adapter_sync(self) -> bool:
+        """True when the engines get the LoRA adapter alone, not merged weights (rollout.lora_sync)."""
+        return self.uses_rollouts and self.peft.method == "lora" and self.rollout.lora_sync != "merged"
+
+    def engine_settings(self) -> RolloutConfig:
+        """The rollout settings the engines start with: LoRA slots of the adapter's rank
+        where the adapter alone is synced."""
+        if not self.adapter_sync:
+            return self.rollout
+        from rollout.engine import vllm_lora_rank
+
+        return dataclasses.replace(self.rollout, enable_lora=True,
+                                   max_lora_rank=max(self.rollout.max_lora_rank, vllm_lora_rank(self.peft.r)))
 
 
 TuneConfig.job_config = JobConfig

@@ -25,7 +25,7 @@ HARMLESS = {
     "algo.eval_prompts",
     "rollout.num_engines", "rollout.tensor_parallel_size", "rollout.cpus_per_engine", "rollout.placement",
     "rollout.kv_cache_gb", "rollout.gpu_memory_utilization", "rollout.max_retries", "rollout.sync_bucket_mb",
-    "rollout.verify_sync",
+    "rollout.verify_sync", "rollout.lora_sync",
 }
 
 

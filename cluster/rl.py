@@ -21,19 +21,22 @@ def actor_cpus(config) -> float:
 
 
 # Settings only the RL loop reads: a pool started with other values still serves a run.
-LOOP_ONLY_ROLLOUT_KEYS = {"verify_sync", "max_staleness"}
+LOOP_ONLY_ROLLOUT_KEYS = {"verify_sync", "max_staleness", "lora_sync"}
 
 
 def check_pool(pool, config) -> None:
-    """A pool given to a run must serve the run's start model with the run's engine settings."""
+    """A pool given to a run must serve the run's start model with the run's engine settings
+    (LoRA slots where the run needs none, or larger ones, are fine)."""
     from dataclasses import asdict
 
     from trainers.errors import ConfigError
 
     if Path(pool.model_dir).resolve() != Path(config.model.path).resolve():
         raise ConfigError("model.path", f"the given rollout pool serves {pool.model_dir}, not {config.model.path}")
-    ours, its = asdict(config.rollout), asdict(pool.cfg)
-    differ = sorted(k for k in ours if ours[k] != its[k] and k not in LOOP_ONLY_ROLLOUT_KEYS)
+    ours, its = asdict(config.engine_settings()), asdict(pool.cfg)
+    enough = {"enable_lora": its["enable_lora"] >= ours["enable_lora"],
+              "max_lora_rank": its["max_lora_rank"] >= ours["max_lora_rank"] or not ours["enable_lora"]}
+    differ = sorted(k for k in ours if not enough.get(k, ours[k] == its[k]) and k not in LOOP_ONLY_ROLLOUT_KEYS)
     if differ:
         raise ConfigError(f"rollout.{differ[0]}", "differs from the given rollout pool's setting ("
                           + ", ".join(f"rollout.{k}: {ours[k]!r} here, {its[k]!r} in the pool" for k in differ) + ")")
@@ -53,7 +56,7 @@ def rollout_services(config, use_gpu: bool, echo=print, pool=None):
     try:
         if pool is None:
             echo(f"starting {config.rollout.num_engines} rollout engine(s)")
-            pool = RolloutPool(config.model.path, config.rollout, use_gpu=use_gpu)
+            pool = RolloutPool(config.model.path, config.engine_settings(), use_gpu=use_gpu)
             started.append(pool.shutdown)
         else:
             check_pool(pool, config)

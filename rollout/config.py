@@ -39,6 +39,10 @@ class RolloutConfig:
     verify_sync: bool = opt(False, "After each sync, the engines score a few of the step's responses and the max |log-prob| "
                                         "gap to the trainer's updated weights is logged (sync_gap_max).")
     seed: int = opt(0, "Engine seed.")
+    lora_sync: Literal["auto", "adapter", "merged"] = opt(
+        "auto", "How a LoRA policy reaches the engines: adapter = only the adapter's tensors travel and the "
+                "engines serve them as a new adapter version on the unchanged base (vLLM LoRA); merged = the base "
+                "with the adapter merged in, every weight; auto = adapter for peft.method lora.")
     max_staleness: int = opt(
         0, "Pipelined rollouts: the engines generate the samples of up to this many steps ahead while the trainer "
            "trains, so a step trains on samples from a policy at most this many updates old (0: each step's "

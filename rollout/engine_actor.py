@@ -4,13 +4,22 @@ to the same state."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import ray
 
 from rollout.config import RolloutConfig
 from rollout.engine import Generation, PromptInput, Sampling
+
+
+def _scratch_dir() -> str | None:
+    """Where synced adapters are written: memory-backed /dev/shm where there is one."""
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 
 def resolve_engine_kind(kind: str) -> str:
@@ -46,6 +55,7 @@ class EngineActor:
     def __init__(self, kind: str, model_dir: str, cfg: RolloutConfig, adapter_dir: str | None = None):
         self.engine = build_engine(kind, model_dir, cfg, adapter_dir)
         self.version = 0  # the weight sync served now (0: the start model)
+        self.synced_adapter: Path | None = None  # the directory of the adapter a sync sent
 
     def ready(self) -> bool:
         return True
@@ -78,15 +88,51 @@ class EngineActor:
         self.version = version
         return {"version": version, "tensors": len(loaded), "seconds": time.perf_counter() - start}
 
-    def load_checkpoint(self, model_dir: str, bucket_mb: float) -> dict:
-        """Load a saved model's weights (every tensor, bucket by bucket, as a sync would) as
-        version 0."""
+    def load_checkpoint(self, model_dir: str, bucket_mb: float, adapter_dir: str | None = None) -> dict:
+        """Back to a saved model's weights (every tensor, bucket by bucket, as a sync would)
+        and `adapter_dir` (or no adapter), as version 0."""
         from rollout.weight_sync import checkpoint_buckets
 
         start = time.perf_counter()
         tensors = sum(len(self.engine.update_weights(payload)) for payload in checkpoint_buckets(model_dir, bucket_mb))
+        if adapter_dir:
+            self.engine.load_adapter(adapter_dir)
+        else:
+            self.engine.unload_adapter()
+        self._drop_synced_adapter()
         self.version = 0
         return {"version": 0, "tensors": tensors, "seconds": time.perf_counter() - start}
+
+    def load_adapter_tensors(self, payload: bytes, adapter_config: dict, version: int, sent: dict[str, int],
+                             where: str) -> dict:
+        """Serve a LoRA adapter sent as tensors (a safetensors payload; Ray resolves the
+        object ref passed for it) as weight version `version`, on the unchanged base. The engines load adapters from
+        a directory, so it is written to a private one first (in memory where /dev/shm is),
+        checked against the fingerprint `sent` as written, and kept while it is served
+        (vLLM may re-read it)."""
+        from rollout.weight_sync import check_fingerprint, fingerprint, unpack
+
+        start = time.perf_counter()
+        directory = Path(tempfile.mkdtemp(prefix=f"rayft-adapter-v{version}-", dir=_scratch_dir()))
+        try:
+            from safetensors.torch import load_file, save_file
+
+            save_file(unpack(payload), str(directory / "adapter_model.safetensors"))
+            (directory / "adapter_config.json").write_text(json.dumps(adapter_config))
+            written = load_file(str(directory / "adapter_model.safetensors"))
+            check_fingerprint(sent, fingerprint(written), where)
+            self.engine.load_adapter(str(directory))
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        self._drop_synced_adapter()
+        self.synced_adapter, self.version = directory, version
+        return {"version": version, "tensors": len(written), "seconds": time.perf_counter() - start}
+
+    def _drop_synced_adapter(self) -> None:
+        if self.synced_adapter is not None:
+            shutil.rmtree(self.synced_adapter, ignore_errors=True)
+            self.synced_adapter = None
 
     def load_adapter(self, adapter_dir: str) -> int:
         return self.engine.load_adapter(adapter_dir)

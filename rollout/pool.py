@@ -103,6 +103,23 @@ class RolloutPool:
         return SyncReport(time.perf_counter() - start, max(c["seconds"] for c in confirmed), sum(sizes), len(sizes),
                           confirmed[0]["version"])
 
+    def sync_adapter(self, tensors: dict, adapter_config: dict, version: int | None = None) -> SyncReport:
+        """Serve a LoRA adapter on every engine as weight version `version`, the base left as
+        it is: only the adapter's tensors travel (peft's names, as in adapter_model.safetensors,
+        with `adapter_config` as in adapter_config.json). Needs engines started with
+        `enable_lora`; confirmed like `sync_weights`."""
+        from safetensors.torch import save
+
+        from rollout.weight_sync import fingerprint
+
+        start = time.perf_counter()
+        sent = fingerprint(tensors)
+        payload = save({n: t.detach().to("cpu").contiguous() for n, t in tensors.items()})
+        confirmed = self._wait(self.owner.sync_adapter.remote(ray.put(payload), adapter_config, sent, version),
+                               "sync_adapter")
+        return SyncReport(time.perf_counter() - start, max(c["seconds"] for c in confirmed), len(payload), 1,
+                          confirmed[0]["version"])
+
     def reset(self) -> float:
         """Back to the start model on every engine (for another run on this pool); returns
         the slowest engine's load time."""

@@ -46,6 +46,7 @@ class PoolOwner:
         # overwrote: replayed on a replacement engine they give it exactly what the live
         # engines hold, at `version`.
         self.weights: list[tuple[frozenset, object, dict]] = []
+        self.adapter: tuple | None = None  # the last synced adapter: (ref, adapter config, fingerprint)
         self.version = 0
         self.engines: Slots | None = None
         self.requests: dict[int, tuple[Gathering, list[range]]] = {}  # submitted, not yet collected
@@ -76,6 +77,9 @@ class PoolOwner:
             sent = {n: crc for _, _, crcs in self.weights for n, crc in crcs.items()}
             ray.get(engine.update_weights.remote([ref for _, ref, _ in self.weights], self.version, sent,
                                                  "a replacement engine"), timeout=timeout_s)
+        if self.adapter:
+            ray.get(engine.load_adapter_tensors.remote(*self.adapter[:2], self.version, self.adapter[2],
+                                                       "a replacement engine"), timeout=timeout_s)
 
     def _send(self, shards: list, method: str, args_for) -> Gathering:
         """`method` sent to engine i with `args_for(shard i)`; a dead or hung engine's share is
@@ -139,10 +143,26 @@ class PoolOwner:
             self.weights = [w for w in self.weights if not w[0] <= covered] + synced
             refs = [ref for _, ref, _ in synced]
             confirmed = self._each_engine("update_weights", lambda i: (refs, self.version, sent, f"engine {i}"))
+        return self._check_confirmed(confirmed, len(sent))
+
+    def sync_adapter(self, payload: bytes, adapter_config: dict, sent: dict[str, int],
+                     version: int | None = None) -> list[dict]:
+        """Serve a LoRA adapter (its tensors as one safetensors payload; Ray resolves a ref
+        passed for it) on every engine as `version`, on the unchanged base; engines check it
+        against the fingerprint `sent` and confirm. Kept for engines that start later.
+        Returns each confirmation."""
+        with self.engines.lock:
+            self.adapter = (ray.put(payload), adapter_config, sent)
+            self.version = self.version + 1 if version is None else version
+            confirmed = self._each_engine("load_adapter_tensors", lambda i: (
+                self.adapter[0], adapter_config, self.version, sent, f"engine {i}"))
+        return self._check_confirmed(confirmed, len(sent))
+
+    def _check_confirmed(self, confirmed: list[dict], tensors: int) -> list[dict]:
         for i, confirmation in enumerate(confirmed):
-            if confirmation.get("version") != self.version or confirmation.get("tensors") != len(sent):
-                raise RolloutError(f"engine {i} confirmed {confirmation} after weight sync {self.version} of "
-                                   f"{len(sent)} tensors")
+            if confirmation.get("version") != self.version or confirmation.get("tensors") != tensors:
+                raise RolloutError(f"engine {i} confirmed {confirmation} after sync {self.version} of "
+                                   f"{tensors} tensors")
         return confirmed
 
     def reset(self) -> float:
@@ -150,10 +170,11 @@ class PoolOwner:
         requests dropped, so another run can start on this pool; returns the slowest
         engine's load time."""
         with self.engines.lock:
-            self.weights, self.version = [], 0
+            self.weights, self.adapter, self.version = [], None, 0
             with self.requests_lock:
                 self.requests.clear()
-            loaded = self._each_engine("load_checkpoint", lambda _: (self.model_dir, self.cfg.sync_bucket_mb))
+            loaded = self._each_engine("load_checkpoint",
+                                       lambda _: (self.model_dir, self.cfg.sync_bucket_mb, self.adapter_dir))
         return max(c["seconds"] for c in loaded)
 
     def engine_handles(self) -> list:

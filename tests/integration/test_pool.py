@@ -109,6 +109,24 @@ def test_weight_sync_reaches_every_engine(pool, tiny_base_dir):
     assert pool.verify(prompt_ids, response_ids, _trainer_logprobs(model, prompt_ids, response_ids)) < 1e-4
 
 
+def test_every_engine_confirms_the_version_and_a_tensor_that_arrived_changed_is_named(pool, tiny_base_dir):
+    from rollout.weight_sync import SyncError, fingerprint, pack_state
+
+    state = _perturbed(tiny_base_dir, 3).state_dict()
+    report = pool.sync_weights(state, version=41)
+    assert report.version == 41
+    prompts = [_messages(q) for q in QUESTIONS[:4]]  # two per engine
+    served = pool.result(pool.submit(prompts, Sampling(temperature=0.0, max_new_tokens=4)))
+    assert [g[0].policy_version for g in served] == [41] * 4
+    # What the trainer says it sent no longer matches what arrives for one tensor: as if a
+    # bucket were corrupted or stale on the way. Both engines refuse it, naming the tensor.
+    name = "model.layers.1.mlp.down_proj.weight"
+    sent = fingerprint(state) | {name: fingerprint(state)[name] ^ 1}
+    refs = [ray.put(b) for b in pack_state(state, 32)]
+    with pytest.raises(SyncError, match=rf"engine \d: weight sync incomplete; loaded with other bytes: {name}"):
+        ray.get(pool.owner.sync_weights.remote(refs, sent), timeout=300)
+
+
 def test_an_engine_killed_after_a_sync_comes_back_with_the_synced_weights(pool, tiny_base_dir):
     """Two callers see the killed engine die at once: it is replaced once, and the
     replacement serves the synced (perturbed) weights, not the start model."""

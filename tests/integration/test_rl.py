@@ -58,11 +58,11 @@ def sft_mixed(ray_cluster, tiny_base_dir, rl_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def rollout_pool(sft_mixed):
     """One engine serving the start model, shared by the runs below in turn (each run resets
-    it to the start model); the first test, which kills engines, runs before it exists."""
+    it to the start model; one kills it, and its owner replaces it)."""
     from rollout.config import RolloutConfig
     from rollout.pool import RolloutPool
 
-    pool = RolloutPool(str(sft_mixed), RolloutConfig())  # the settings of the runs below
+    pool = RolloutPool(str(sft_mixed), RolloutConfig(enable_lora=True))  # LoRA slots for the LoRA run
     yield pool
     pool.shutdown()
 
@@ -94,19 +94,19 @@ def _check_timings(timing):
     assert 0.5 * timing["step"] <= parts <= timing["step"] * 1.01, timing
 
 
-def test_an_engine_and_a_reward_actor_killed_mid_run_do_not_end_it(sft_mixed, rl_data, tmp_path):
-    """2 workers share 2 engines and a reward actor through their owners. An engine SIGKILLed
-    after a weight sync is replaced once and brought to the synced weights before it serves
-    (a stale one would show in the engine/trainer log-prob gap, a max over both workers); a
-    killed reward actor is restarted and its share re-scored."""
+def test_an_engine_and_a_reward_actor_killed_mid_run_do_not_end_it(sft_mixed, rl_data, tmp_path, rollout_pool):
+    """2 workers share the engine and a reward actor through their owners. The engine,
+    SIGKILLed after a weight sync while both workers use it, is replaced once and brought
+    to the synced weights before it serves (a stale one would show in the engine/trainer
+    log-prob gap, a max over both workers); a killed reward actor is restarted and its
+    share re-scored."""
     steps = 6
     run_dir = tmp_path / "faults"
     with kill_after_step(run_dir, "ray::EngineActor", 1) as engine, \
             kill_after_step(run_dir, "ray::RewardActor", 3) as reward:
         config, summary = _rl(tmp_path, "faults", sft_mixed, rl_data, "grpo", "rewards.rewards=[{fn: exact_match}]",
-                              f"train.max_steps={steps}", "cluster.num_workers=2", "rollout.num_engines=2",
-                              "rollout.cpus_per_engine=0.5", "algo.prompts_per_step=4", "algo.eval_prompts=8",
-                              "train.lr=1e-3")
+                              f"train.max_steps={steps}", "cluster.num_workers=2", "algo.prompts_per_step=4",
+                              "algo.eval_prompts=8", "train.lr=1e-3", pool=rollout_pool)
     assert engine.get("replaced_by") and reward.get("replaced_by"), (engine, reward)
     rows = _steps(config.run_dir)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
@@ -117,7 +117,7 @@ def test_an_engine_and_a_reward_actor_killed_mid_run_do_not_end_it(sft_mixed, rl
 
 
 # rloo trains a LoRA policy with a KL loss to its adapter-disabled base: the engines get
-# the merged weights each step, and the reference costs no second model.
+# the adapter alone each step (rollout.lora_sync auto), and the reference costs no second model.
 LORA_WITH_KL = ["peft.method=lora", "train.lr=1e-3", "algo.kl_coef=0.05", "algo.kl_in=loss"]
 
 
@@ -154,6 +154,13 @@ def test_group_rl_raises_held_out_exact_match_reward(sft_mixed, rl_data, tmp_pat
     final = config.run_dir / "final"
     lora = extra is LORA_WITH_KL
     assert (final / ("adapter_model.safetensors" if lora else "model.safetensors")).exists()
+    if lora:
+        # Only the adapter travelled, and the engines served it: the log-prob gap above
+        # stayed small while the adapter moved the policy away from the base.
+        model_mb = (sft_mixed / "model.safetensors").stat().st_size / 2**20
+        assert all(0 < r["sync_mb"] < 0.2 * model_mb for r in steps_rows), [r["sync_mb"] for r in steps_rows]
+    else:
+        assert all(r["sync_mb"] > 0.9 * (sft_mixed / "model.safetensors").stat().st_size / 2**20 for r in steps_rows)
     if lora:  # the step-1 policy is its reference (LoRA B = 0); the KL then grows from 0
         assert abs(steps_rows[0]["kl"]) < 1e-6 and steps_rows[-1]["kl"] > 1e-4, [r["kl"] for r in steps_rows]
     if estimator == "grpo":

@@ -100,10 +100,22 @@ def test_invalid_combinations_name_a_key(overrides, key):
     (["method=ppo", "rewards.rewards=[{fn: exact_match}]", "model.reference=adapter_disabled"], "model.reference"),
     (["method=ppo", "rewards.rewards=[{fn: exact_match}]", "algo.reference=frozen_copy"], "algo.reference"),
     (["method=grpo", "rewards.rewards=[{fn: exact_match}]", "algo.temperature=0"], "algo.temperature"),
+    (["method=grpo", "rewards.rewards=[{fn: exact_match}]", "rollout.lora_sync=adapter"], "rollout.lora_sync"),
 ])
 def test_rl_settings_that_cannot_work_name_their_key(overrides, key):
     with pytest.raises(Exception, match=f"'{key}'"):
         load_config(None, ["model.path=m", "data.train=d.jsonl", *overrides], "t")
+
+
+def test_a_lora_policy_syncs_its_adapter_to_engines_with_lora_slots_of_its_rank():
+    rl = ["model.path=m", "data.train=d.jsonl", "method=grpo", "rewards.rewards=[{fn: exact_match}]"]
+    lora = load_config(None, [*rl, "peft.method=lora", "peft.r=24"], "t")
+    assert lora.adapter_sync
+    settings = lora.engine_settings()
+    assert settings.enable_lora and settings.max_lora_rank == 32  # the next rank vLLM accepts
+    merged = load_config(None, [*rl, "peft.method=lora", "rollout.lora_sync=merged"], "t")
+    assert not merged.adapter_sync and merged.engine_settings() == merged.rollout
+    assert not load_config(None, rl, "t").adapter_sync
 
 
 def test_rl_sections_are_ignored_by_supervised_methods():

@@ -27,7 +27,7 @@ from trainers.rl.correction import correction_weights
 from trainers.rl.pipeline import RolloutPipeline
 from trainers.rl.experience import Experience, at_response, token_logp
 from trainers.reference import Reference
-from trainers.rl.model import build_rl_model, engine_weights, policy_state
+from trainers.rl.model import build_rl_model, engine_adapter, engine_weights, policy_state
 from trainers.rl.objectives import AdaptiveKL, build_objective
 from trainers.setup import describe_trainable
 from trainers.strategy import all_reduce_max, all_reduce_sum, build_strategy, unwrap
@@ -119,6 +119,7 @@ class RLLoop:
         metrics.update(self.update(exp, step))
         timings["train_s"] = time.perf_counter() - t
         timings["sync_s"] = self.sync(step + 1)
+        metrics["sync_mb"] = self.sync_mb
         if self.job.rollout.verify_sync:
             metrics["sync_gap_max"] = self.sync_gap(exp)
         timings["step_s"] = time.perf_counter() - started
@@ -210,13 +211,19 @@ class RLLoop:
         """Rank 0 pushes the policy after `version` updates to the engines, which confirm
         it; every worker waits for it (so no one samples from stale weights). Returns the
         sync's wall time."""
-        started = time.perf_counter()
-        state = engine_weights(self.strategy, self.worker.is_main, self.job.peft.method)
-        seconds = 0.0
-        if self.worker.is_main:
-            self.pool.sync_weights(state, version)
+        started, seconds, report = time.perf_counter(), 0.0, None
+        if self.job.adapter_sync:
+            adapter = engine_adapter(self.strategy, self.worker.is_main)
+            if self.worker.is_main:
+                report = self.pool.sync_adapter(*adapter, version)
+        else:
+            state = engine_weights(self.strategy, self.worker.is_main, self.job.peft.method)
+            if self.worker.is_main:
+                report = self.pool.sync_weights(state, version)
+        if report is not None:
             seconds = time.perf_counter() - started
-        (seconds,) = all_reduce_sum([seconds], self.worker.device)  # also the barrier
+        # Rank 0's figures, summed with zeros: also the barrier.
+        seconds, self.sync_mb = all_reduce_sum([seconds, report.bytes / 2**20 if report else 0.0], self.worker.device)
         return seconds
 
     @torch.no_grad()

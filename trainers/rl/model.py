@@ -1,8 +1,13 @@
 """The trained model of an RL run and what surrounds it: `RLModel` (the policy, plus a
-value head on its last hidden state for PPO's critic), and `engine_weights`,
-the policy's weights as the rollout engines load them (LoRA merged into the base)."""
+value head on its last hidden state for PPO's critic), `engine_weights`, the policy's
+weights as the rollout engines load them (LoRA merged into the base), and
+`engine_adapter`, a LoRA policy's adapter alone (`rollout.lora_sync: adapter`)."""
 
 from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -85,3 +90,27 @@ def engine_weights(strategy, is_main: bool, peft_method: str) -> dict | None:
     if peft_method == "lora":
         state = merge_lora(state, lora_scaling(module.policy))
     return state
+
+
+def engine_adapter(strategy, is_main: bool) -> tuple[dict, dict] | None:
+    """A LoRA policy's adapter as peft saves it, on rank 0 (None elsewhere): its tensors
+    named as in adapter_model.safetensors and its adapter_config.json. A collective under
+    ZeRO-3: every rank must call it. Refused when anything else of the policy trains (the
+    engines would never see it)."""
+    from trainers.errors import ConfigError
+
+    full = strategy.full_state_dict()
+    if not is_main:
+        return None
+    module = strategy.module
+    others = [n for n, p in module.policy.named_parameters() if p.requires_grad and ".lora_" not in n]
+    if others:
+        raise ConfigError("rollout.lora_sync", f"adapter sync sends only the LoRA tensors, but {others[0]} trains "
+                                               "too; use rollout.lora_sync: merged")
+    state = policy_state(full if full is not None else module.state_dict())
+    tensors = {name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): t.detach().cpu()
+               for name, t in state.items() if ".lora_" in name}
+    with tempfile.TemporaryDirectory(prefix="rayft-adapter-config-") as tmp:
+        module.policy.peft_config["default"].save_pretrained(tmp)  # adapter_config.json, as peft writes it
+        config = json.loads((Path(tmp) / "adapter_config.json").read_text())
+    return tensors, config
