@@ -94,26 +94,33 @@ def _check_timings(timing):
     assert 0.5 * timing["step"] <= parts <= timing["step"] * 1.01, timing
 
 
-def test_an_engine_and_a_reward_actor_killed_mid_run_do_not_end_it(sft_mixed, rl_data, tmp_path, rollout_pool):
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_an_engine_and_a_reward_actor_killed_mid_run_do_not_end_it(sft_mixed, rl_data, tmp_path, rollout_pool,
+                                                                   staleness):
     """2 workers share the engine and a reward actor through their owners. The engine,
     SIGKILLed after a weight sync while both workers use it, is replaced once and brought
     to the synced weights before it serves (a stale one would show in the engine/trainer
     log-prob gap, a max over both workers); a killed reward actor is restarted and its
-    share re-scored."""
+    share re-scored. Pipelined (staleness 1), the engine dies with the next step's request
+    in flight: the request is re-issued on the replacement, whose samples are no older."""
     steps = 6
     run_dir = tmp_path / "faults"
     with kill_after_step(run_dir, "ray::EngineActor", 1) as engine, \
             kill_after_step(run_dir, "ray::RewardActor", 3) as reward:
         config, summary = _rl(tmp_path, "faults", sft_mixed, rl_data, "grpo", "rewards.rewards=[{fn: exact_match}]",
                               f"train.max_steps={steps}", "cluster.num_workers=2", "algo.prompts_per_step=4",
-                              "algo.eval_prompts=8", "train.lr=1e-3", pool=rollout_pool)
+                              "algo.eval_prompts=8", "train.lr=1e-3", f"rollout.max_staleness={staleness}",
+                              pool=rollout_pool)
     assert engine.get("replaced_by") and reward.get("replaced_by"), (engine, reward)
     rows = _steps(config.run_dir)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert summary["steps"] == steps
     assert not [r for r in _rows(config.run_dir) if r.get("event") == "resume"]  # no worker restart was needed
     later = [r for r in rows if r["step"] > engine["at"]]
-    assert later and max(r["logprob_diff_max"] for r in later) < 1e-4, [r["logprob_diff_max"] for r in rows]
+    assert later
+    if staleness == 0:
+        assert max(r["logprob_diff_max"] for r in later) < 1e-4, [r["logprob_diff_max"] for r in rows]
+    assert all(0 <= r["staleness_max"] <= staleness for r in rows), [r["staleness_max"] for r in rows]
 
 
 # rloo trains a LoRA policy with a KL loss to its adapter-disabled base: the engines get
@@ -147,7 +154,7 @@ def test_group_rl_raises_held_out_exact_match_reward(sft_mixed, rl_data, tmp_pat
         assert max(r["correction_weight_max"] for r in steps_rows) > 1.01
     else:
         # The engines sample from the trainer's current weights: same log-probs after every sync.
-        assert max(r["logprob_diff_max"] for r in steps_rows) < 1e-3
+        assert max(r["logprob_diff_max"] for r in steps_rows) < 1e-3, [r["logprob_diff_max"] for r in steps_rows]
         assert all(r["staleness_max"] == 0 for r in steps_rows)
         _check_timings(summary["timing_s_per_step"])
     assert summary["final_eval_reward"] == evals[-1]
