@@ -12,12 +12,15 @@ estimators take rewards laid out prompt-major: the n samples of a prompt are con
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 KL_KINDS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token", "sequence")
+
+SumOverWorkers = Callable[[list[float]], list[float]]
 
 
 # -- masked statistics -----------------------------------------------------------------
@@ -31,18 +34,25 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, keep_mean: bool = False,
-                  eps: float = 1e-8) -> torch.Tensor:
+                  eps: float = 1e-8, sum_over_workers: SumOverWorkers | None = None) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) with mean and population variance over masked entries only.
 
     keep_mean=True adds the mean back (scale only). Unmasked entries come out as 0.
     The statistics are the whole tensor's, so pass the whole batch, not a micro-batch.
+    With data-parallel workers each holding a share of the batch, `sum_over_workers`
+    (a function summing a list of floats across them) makes every worker whiten with the
+    statistics of the whole step, exactly as if one worker held it all.
     """
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
-    whitened = (values - mean) * torch.rsqrt(variance + eps)
+    total = sum_over_workers or list
+    weights = mask.to(values.dtype)
+    value_sum, count = total([float((values * weights).sum()), float(weights.sum())])
+    mean = value_sum / max(count, 1e-8)
+    (squares,) = total([float(((values - mean) ** 2 * weights).sum())])
+    variance = squares / max(count, 1e-8)
+    whitened = (values - mean) / math.sqrt(variance + eps)
     if keep_mean:
         whitened = whitened + mean
-    return whitened * mask.to(values.dtype)
+    return whitened * weights
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
@@ -160,12 +170,13 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def reinforce_pp_advantages(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor, kl_coef: float,
-                            gamma: float = 1.0) -> torch.Tensor:
+                            gamma: float = 1.0, sum_over_workers: SumOverWorkers | None = None) -> torch.Tensor:
     """REINFORCE++ advantages (B, T), as OpenRLHF's `reinforce_plus_plus`: the discounted
     returns of token_rewards(scores, kl, mask, kl_coef), whitened over every masked token
-    of the batch (population variance). Pass the whole rollout batch: the baseline is its mean."""
+    of the batch (population variance). Pass the whole rollout batch (or each worker's share
+    with `sum_over_workers`, see masked_whiten): the baseline is its mean."""
     returns = discounted_returns(token_rewards(scores, kl, mask, kl_coef), mask, gamma)
-    return masked_whiten(returns, mask)
+    return masked_whiten(returns, mask, sum_over_workers=sum_over_workers)
 
 
 def broadcast_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

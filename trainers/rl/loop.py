@@ -115,7 +115,8 @@ class RLLoop:
         exp = exp.to(self.worker.device)
         t = time.perf_counter()
         metrics.update(self.score_old(exp))
-        metrics.update(self.objective.prepare(exp, self.algo.samples_per_prompt))
+        metrics.update(self.objective.prepare(exp, self.algo.samples_per_prompt,
+                                              lambda values: all_reduce_sum(values, self.worker.device)))
         metrics.update(self.update(exp, step))
         timings["train_s"] = time.perf_counter() - t
         timings["sync_s"] = self.sync(step + 1)

@@ -11,7 +11,7 @@ import torch
 from trainers.methods import method_spec, resolve
 from trainers.rl.experience import Experience, token_logp
 from trainers.rl_losses import (aggregate, broadcast_to_tokens, entropy_from_logits, gae, grpo_advantages, kl_estimate,
-                                masked_mean, masked_whiten, ppo_policy_loss, reinforce_pp_advantages,
+                                SumOverWorkers, masked_mean, masked_whiten, ppo_policy_loss, reinforce_pp_advantages,
                                 rloo_advantages, token_rewards, value_loss)
 
 
@@ -59,7 +59,11 @@ class Objective:
         update starts; otherwise a single-pass update takes them from its own forward."""
         return self.reward_kl_coef() > 0
 
-    def prepare(self, exp: Experience, group_size: int) -> dict[str, float]:
+    def prepare(self, exp: Experience, group_size: int,
+                sum_over_workers: SumOverWorkers | None = None) -> dict[str, float]:
+        """Advantages of this worker's share of the step, into `exp`. Batch-wide
+        statistics (whitening) span every worker's share through `sum_over_workers`;
+        group baselines need none, as a prompt's samples all sit on one worker."""
         raise NotImplementedError
 
     def loss(self, logits: torch.Tensor, values: torch.Tensor | None, mb: Experience) -> tuple[torch.Tensor, dict]:
@@ -82,11 +86,13 @@ class PPO(Objective):
     needs_values = True
     needs_old_pass = True
 
-    def prepare(self, exp, group_size):
+    def prepare(self, exp, group_size, sum_over_workers=None):
         kl = self.token_kl(exp.old_logp, exp.ref_logp)
         rewards = token_rewards(exp.scores, kl, exp.mask, self.reward_kl_coef())
         advantages, exp.returns = gae(rewards, exp.old_values, exp.mask, self.algo.gamma, self.algo.lam)
-        exp.advantages = masked_whiten(advantages, exp.mask) if self.algo.whiten_advantages else advantages
+        if self.algo.whiten_advantages:
+            advantages = masked_whiten(advantages, exp.mask, sum_over_workers=sum_over_workers)
+        exp.advantages = advantages
         return {"return_mean": float(masked_mean(exp.returns, exp.mask)),
                 "value_mean": float(masked_mean(exp.old_values, exp.mask))}
 
@@ -100,12 +106,12 @@ class PPO(Objective):
 class GroupRL(Objective):
     """GRPO, RLOO and REINFORCE++: baselines from the other samples, no critic."""
 
-    def prepare(self, exp, group_size):
+    def prepare(self, exp, group_size, sum_over_workers=None):
         algo = self.algo
         coef = self.reward_kl_coef()
         kl = self.token_kl(exp.old_logp, exp.ref_logp) if coef else torch.zeros_like(exp.mask)
         if algo.estimator == "reinforce_pp":
-            exp.advantages = reinforce_pp_advantages(exp.scores, exp.mask, kl, coef, algo.gamma)
+            exp.advantages = reinforce_pp_advantages(exp.scores, exp.mask, kl, coef, algo.gamma, sum_over_workers)
             return {}
         scores = exp.scores - coef * (kl * exp.mask).sum(-1)
         if algo.estimator == "grpo":
@@ -128,7 +134,7 @@ class OnPolicyDistill(Objective):
     def from_job(cls, job, kl):
         return cls(job.algo, kl, job.algo.temperature, job.distill)
 
-    def prepare(self, exp, group_size):
+    def prepare(self, exp, group_size, sum_over_workers=None):
         return {}
 
     def loss(self, logits, values, mb):
