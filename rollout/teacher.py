@@ -1,5 +1,5 @@
 """The teacher actor of on-policy distillation: a frozen causal LM in its own Ray actor
-process that scores sampled responses with its full next-token distribution.
+process that scores sampled responses with its next-token distribution (whole, or its top k).
 
     teacher = start_teacher(model_dir, cpus=1)     # waits until the model has loaded
     rows = ray.get(teacher.logprobs.remote(prompt_ids, response_ids, temperature))
@@ -7,7 +7,9 @@ process that scores sampled responses with its full next-token distribution.
 
 `rows[i]` is a float32 array (len(response_ids[i]), vocab): the teacher's
 log_softmax(logits / temperature) at the positions that predict each response token
-(position len(prompt) - 1 + j predicts response token j). A teacher that fails to load
+(position len(prompt) - 1 + j predicts response token j). At a large vocabulary,
+`teacher.top_logprobs.remote(prompt_ids, response_ids, k, temperature)` sends only the k
+most likely tokens of each position and the log of the rest's mass. A teacher that fails to load
 stays alive and raises that load error from every call, as the reward actor does.
 
 A training run holds its teacher through `TeacherService` (started by the driver, pickled
@@ -76,6 +78,29 @@ class TeacherActor:
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
                  temperature: float = 1.0) -> list[np.ndarray]:
         """The teacher's log-distribution at each response token; see the module docstring."""
+        return self._positions(prompt_ids, response_ids, temperature, lambda logp: logp.cpu().numpy())
+
+    def top_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]], k: int,
+                     temperature: float = 1.0) -> list[tuple[np.ndarray, np.ndarray]]:
+        """At each response token, the teacher's `k` most likely tokens: per sample a pair
+        (log-probs float32 (n, k + 1), token ids int64 (n, k)), the last log-prob column
+        being that of every other token together, so each row still sums to one. What
+        travels is k + 1 numbers a position instead of a vocabulary's."""
+        import torch
+
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+
+        def top(logp):
+            k_ = min(k, logp.shape[-1] - 1)
+            values, ids = logp.topk(k_, dim=-1)
+            rest = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), -1, keepdim=True)
+            return torch.cat([values, rest], -1).cpu().numpy(), ids.cpu().numpy()
+
+        return self._positions(prompt_ids, response_ids, temperature, top)
+
+    def _positions(self, prompt_ids, response_ids, temperature: float, convert) -> list:
+        """`convert(log_softmax(logits / T))` of each sample's response positions, (n, V) each."""
         import torch
 
         model = self._ready()
@@ -84,7 +109,7 @@ class TeacherActor:
         rows = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
         if any(not p for p in prompt_ids):
             raise ValueError("every prompt needs at least one token (the first response token is predicted from it)")
-        out: list[np.ndarray] = []
+        out = []
         with torch.inference_mode():
             for chunk in self._batches(rows):
                 width = max(len(rows[k]) for k in chunk)
@@ -95,7 +120,7 @@ class TeacherActor:
                 for row, k in enumerate(chunk):
                     start, n = len(prompt_ids[k]) - 1, len(response_ids[k])
                     picked = logits[row, start:start + n].float() / temperature
-                    out.append(torch.log_softmax(picked, -1).cpu().numpy())
+                    out.append(convert(torch.log_softmax(picked, -1)))
         return out
 
     def _batches(self, rows: list[list[int]]) -> list[list[int]]:
@@ -151,8 +176,16 @@ class TeacherService:
     def logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
                  temperature: float = 1.0) -> list[np.ndarray]:
         """`TeacherActor.logprobs` on the teacher, whichever actor serves it now."""
-        (rows,) = self.actor.call([range(len(prompt_ids))],
-                                  lambda teacher, _: teacher.logprobs.remote(prompt_ids, response_ids, temperature))
+        return self._call(lambda teacher: teacher.logprobs.remote(prompt_ids, response_ids, temperature), prompt_ids)
+
+    def top_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]], k: int,
+                     temperature: float = 1.0) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`TeacherActor.top_logprobs` on the teacher, whichever actor serves it now."""
+        return self._call(lambda teacher: teacher.top_logprobs.remote(prompt_ids, response_ids, k, temperature),
+                          prompt_ids)
+
+    def _call(self, request, prompt_ids) -> list:
+        (rows,) = self.actor.call([range(len(prompt_ids))], lambda teacher, _: request(teacher))
         return rows
 
     def stop(self) -> None:

@@ -263,20 +263,44 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} differ (same tokenizer and vocabulary needed)")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must lie in [0, 1], got {beta}")
     student = F.log_softmax(student_logits.float() / temperature, -1)
     teacher = F.log_softmax(teacher_logits.float() / temperature, -1)
+    return _divergence(student, teacher, loss, beta) * mask.to(student.dtype)
+
+
+def support_divergence(student_logits: torch.Tensor, teacher_logp: torch.Tensor, teacher_ids: torch.Tensor | None,
+                       mask: torch.Tensor, loss: str = "forward_kl", beta: float = 0.5,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """`token_divergence` against a teacher that sent log-probs already at temperature T,
+    on the support it sent: with `teacher_ids` (..., k) its top-k tokens, `teacher_logp`
+    (..., k + 1) holds their log-probs and, last, the log of every other token's mass
+    together; the student's tempered distribution is folded onto the same k + 1 outcomes
+    (its mass outside the teacher's top k counts in the last one, so reverse KL still
+    penalises it). That divergence is at most the full-vocabulary one and equals it when
+    the rest is empty. teacher_ids None: `teacher_logp` is over the whole vocabulary."""
+    student = F.log_softmax(student_logits.float() / temperature, -1)
+    if teacher_ids is not None:
+        top = student.gather(-1, teacher_ids)
+        rest = torch.logsumexp(student.scatter(-1, teacher_ids, float("-inf")), -1, keepdim=True)
+        student = torch.cat([top, rest], -1)
+    if student.shape != teacher_logp.shape:
+        raise ValueError(f"student distribution {tuple(student.shape)} and the teacher's "
+                         f"{tuple(teacher_logp.shape)} differ (same tokenizer and vocabulary needed)")
+    return _divergence(student, teacher_logp.float(), loss, beta) * mask.to(student.dtype)
+
+
+def _divergence(student: torch.Tensor, teacher: torch.Tensor, loss: str, beta: float) -> torch.Tensor:
+    """The divergence `loss` between two log-distributions over the last dimension."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
     if loss == "forward_kl" or (loss == "jsd" and beta == 0.0):
-        per_token = _token_kl(teacher, student)
-    elif loss == "reverse_kl" or (loss == "jsd" and beta == 1.0):
-        per_token = _token_kl(student, teacher)
-    elif loss == "jsd":
+        return _token_kl(teacher, student)
+    if loss == "reverse_kl" or (loss == "jsd" and beta == 1.0):
+        return _token_kl(student, teacher)
+    if loss == "jsd":
         mixture = torch.logsumexp(torch.stack([teacher + math.log(beta), student + math.log(1 - beta)]), 0)
-        per_token = beta * _token_kl(teacher, mixture) + (1 - beta) * _token_kl(student, mixture)
-    else:
-        raise ValueError(f"unknown divergence {loss!r}; expected one of {DIVERGENCES}")
-    return per_token * mask.to(per_token.dtype)
+        return beta * _token_kl(teacher, mixture) + (1 - beta) * _token_kl(student, mixture)
+    raise ValueError(f"unknown divergence {loss!r}; expected one of {DIVERGENCES}")
 
 
 def forward_kl_with_temperature(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,

@@ -94,6 +94,30 @@ def _check_timings(timing):
     assert 0.5 * timing["step"] <= parts <= timing["step"] * 1.01, timing
 
 
+def _full_reverse_kl(student_dir, teacher_dir, eval_path, answer_tokens: int = 8) -> float:
+    """Mean over answer tokens of KL(student || teacher) over the whole vocabulary, with
+    transformers alone, on the student's greedy answers to the held-out prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
+    student, teacher = (AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+                        for d in (student_dir, teacher_dir))
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for line in eval_path.read_text().splitlines()[:32]:
+            prompt = tokenizer.apply_chat_template(json.loads(line)["messages"][:1], add_generation_prompt=True,
+                                                   return_tensors="pt", return_dict=True)["input_ids"]
+            ids = student.generate(prompt, max_new_tokens=answer_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id)
+            start = prompt.shape[1] - 1
+            s_logp, t_logp = (torch.log_softmax(m(ids).logits[0, start:ids.shape[1] - 1], -1)
+                              for m in (student, teacher))
+            total += float((s_logp.exp() * (s_logp - t_logp)).sum())
+            tokens += ids.shape[1] - 1 - start
+    return total / tokens
+
+
 @pytest.mark.parametrize("staleness", [0, 1])
 def test_an_engine_and_a_reward_actor_killed_mid_run_do_not_end_it(sft_mixed, rl_data, tmp_path, rollout_pool,
                                                                    staleness):
@@ -201,11 +225,17 @@ def test_on_policy_distillation_lowers_divergence_to_the_teacher(sft_mixed, rl_d
                         "train.max_steps=150", "train.batch_size=16", "train.lr=1e-3")
     config, summary = _rl(tmp_path, "distill", sft_mixed, rl_data, "distill", "distill.mode=on_policy",
                           f"distill.teacher={teacher.run_dir / 'final'}", "distill.loss=reverse_kl",
-                          "algo.samples_per_prompt=2", "train.lr=3e-4", "train.max_steps=20", "train.eval_every=10",
-                          pool=rollout_pool)
-    divergences = _evals(config.run_dir, "eval_divergence")
+                          "distill.teacher_top_k=8", "algo.samples_per_prompt=2", "train.lr=3e-4",
+                          "train.max_steps=20", "train.eval_every=10", pool=rollout_pool)
+    divergences = _evals(config.run_dir, "eval_divergence")  # on the teacher's top 8 and the rest
     assert len(divergences) == 3
     assert divergences[-1] < 0.6 * divergences[0], divergences
+    # Judged apart from the run: the full-vocabulary KL(student || teacher), on the
+    # student's own greedy answers to held-out prompts, fell too.
+    teacher_dir = teacher.run_dir / "final"
+    before = _full_reverse_kl(sft_mixed, teacher_dir, rl_data["eval"])
+    after = _full_reverse_kl(config.run_dir / "final", teacher_dir, rl_data["eval"])
+    assert after < 0.7 * before, (before, after)
     # The student samples from its current weights: without a sync after each update the
     # engines would serve the start model and the gap would grow step after step.
     rows = _steps(config.run_dir)

@@ -1,6 +1,6 @@
 """The teacher actor on a real local Ray cluster, with the tiny model: its rows are the
 log-softmax of a plain transformers forward pass on each sample alone, at the positions
-that predict the response tokens; padding and batch splits change nothing; the response
+that predict the response tokens, whole or as the top k and the rest's mass; padding and batch splits change nothing; the response
 tokens' entries are the transformers engine's scores; a bad model directory is reported
 with its load error; behind `TeacherService`, a SIGKILLed teacher is restarted and the
 request re-issued."""
@@ -52,6 +52,20 @@ def test_rows_are_the_teachers_distribution_at_each_response_token(teacher, tiny
         assert row.dtype == np.float32 and row.shape == (len(response), vocab)
         np.testing.assert_allclose(row, ref, atol=1e-5, rtol=0)
         np.testing.assert_allclose(np.exp(row).sum(-1), 1.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_top_k_rows_are_the_largest_entries_and_the_rest_of_the_mass(teacher, temperature):
+    import ray
+
+    full = ray.get(teacher.logprobs.remote(PROMPTS, RESPONSES, temperature))
+    top = ray.get(teacher.top_logprobs.remote(PROMPTS, RESPONSES, 5, temperature))
+    for row, (logp, ids), response in zip(full, top, RESPONSES):
+        assert logp.shape == (len(response), 6) and ids.shape == (len(response), 5)
+        np.testing.assert_allclose(logp[:, :5], np.sort(row, -1)[:, ::-1][:, :5], atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(np.take_along_axis(row, ids, -1), logp[:, :5])
+        rest = np.log(np.exp(row).sum(-1) - np.exp(logp[:, :5]).sum(-1))
+        np.testing.assert_allclose(logp[:, 5], rest, atol=1e-4, rtol=0)
 
 
 def test_padding_and_batch_splits_change_nothing(teacher, tiny_model_dir):

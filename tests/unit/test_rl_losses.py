@@ -292,3 +292,45 @@ def test_generalized_jsd_interior_by_hand():
         m = [beta * qi + (1 - beta) * si for qi, si in zip(q, s)]  # beta 0.25: [0.4375, 0.5625]
         expected = beta * kl(q, m) + (1 - beta) * kl(s, m)
         assert generalized_jsd(student, teacher, torch.ones(1, 1), beta=beta).item() == approx(expected)
+
+
+def _top(teacher_logits, k, temperature=1.0):
+    """What the teacher actor sends: its top-k log-probs at T, the rest's mass last, and the ids."""
+    logp = torch.log_softmax(teacher_logits / temperature, -1)
+    values, ids = logp.topk(k, -1)
+    rest = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), -1, keepdim=True)
+    return torch.cat([values, rest], -1), ids
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "jsd"])
+def test_support_divergence_bounds_and_meets_the_full_one(loss):
+    from trainers.rl_losses import support_divergence, token_divergence
+
+    student, teacher, mask = random_logits(4)
+    vocab = student.shape[-1]
+    full = token_divergence(student, teacher, mask, loss, 0.3, temperature=0.7)
+    whole = support_divergence(student, torch.log_softmax(teacher / 0.7, -1), None, mask, loss, 0.3, 0.7)
+    torch.testing.assert_close(whole, full, atol=1e-6, rtol=0)
+    # every token but one on the support: the rest is one token, the same distribution
+    exact = support_divergence(student, *_top(teacher, vocab - 1, 0.7), mask, loss, 0.3, 0.7)
+    torch.testing.assert_close(exact, full, atol=1e-5, rtol=0)
+    coarse = support_divergence(student, *_top(teacher, 2, 0.7), mask, loss, 0.3, 0.7)
+    assert (coarse <= full + 1e-6).all() and (coarse[mask.bool()] > 0).all()  # data processing inequality
+
+
+def test_reverse_kl_on_the_support_moves_the_students_top_k_to_the_teachers():
+    from trainers.rl_losses import support_divergence
+
+    g = torch.Generator().manual_seed(3)
+    teacher = 3 * torch.randn(1, 1, 50, generator=g)
+    teacher_logp, ids = _top(teacher, 4)
+    student = torch.zeros(1, 1, 50, requires_grad=True)
+    optimiser = torch.optim.Adam([student], lr=0.1)
+    for _ in range(400):
+        optimiser.zero_grad()
+        support_divergence(student, teacher_logp, ids, torch.ones(1, 1), "reverse_kl").sum().backward()
+        optimiser.step()
+    learned = torch.log_softmax(student.detach(), -1)
+    torch.testing.assert_close(learned.gather(-1, ids).exp(), teacher_logp[..., :4].exp(), atol=2e-3, rtol=0)
+    outside = learned.scatter(-1, ids, float("-inf")).logsumexp(-1).exp()
+    torch.testing.assert_close(outside, teacher_logp[..., 4].exp(), atol=2e-3, rtol=0)

@@ -65,7 +65,7 @@ class Collector:
         exp = build_experience(generations, scores, self.pad_id)
         if self.services.teacher is not None:
             t = time.perf_counter()
-            exp.teacher_logprobs = self.teacher_logprobs(generations, exp.response_ids.shape[1])
+            self.teach(exp, generations, self.job.distill.temperature)
             timings["teacher_s"] = time.perf_counter() - t
         lengths = torch.tensor([len(g.response_ids) for g in generations], dtype=torch.float32)
         metrics = {"reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std(unbiased=False)),
@@ -91,15 +91,19 @@ class Collector:
                 terms.setdefault(name, []).append(value)
         return [r.reward for r in results], terms
 
-    def teacher_logprobs(self, generations: list, width: int) -> torch.Tensor:
-        """(B, width, V) teacher log-probs at each response position (zeros on padding)."""
-        rows = self.services.teacher.logprobs([g.prompt_ids for g in generations],
-                                              [g.response_ids for g in generations])
-        vocab = rows[0].shape[-1]
-        out = torch.zeros((len(rows), width, vocab))
-        for i, row in enumerate(rows):
-            out[i, :len(row)] = torch.from_numpy(row)
-        return out
+    def teach(self, exp, generations: list, temperature: float) -> None:
+        """The teacher's log-probs at `temperature` on each response position into `exp`
+        (zeros on padding): its top `distill.teacher_top_k` tokens and the rest's mass, or
+        the whole vocabulary with top_k 0 (see trainers.rl_losses.support_divergence)."""
+        prompts, responses = [g.prompt_ids for g in generations], [g.response_ids for g in generations]
+        width, top_k = exp.response_ids.shape[1], self.job.distill.teacher_top_k
+        if top_k:
+            rows = self.services.teacher.top_logprobs(prompts, responses, top_k, temperature)
+            exp.teacher_logprobs = _padded([logp for logp, _ in rows], width, torch.float32)
+            exp.teacher_ids = _padded([ids for _, ids in rows], width, torch.long)
+        else:
+            exp.teacher_logprobs = _padded(self.services.teacher.logprobs(prompts, responses, temperature),
+                                           width, torch.float32)
 
     def evaluate(self, records: list, divergence=None) -> dict[str, float]:
         """Sums over greedy responses to `records`: responses, length, reward (when the run
@@ -118,6 +122,14 @@ class Collector:
             sums["reward"] = float(sum(scores))
         if divergence is not None:
             exp = build_experience(generations, scores, self.pad_id)
-            exp.teacher_logprobs = self.teacher_logprobs(generations, exp.response_ids.shape[1])
+            self.teach(exp, generations, 1.0)
             sums.update(divergence=divergence(exp), tokens=float(exp.mask.sum()))
         return sums
+
+
+def _padded(rows: list, width: int, dtype) -> torch.Tensor:
+    """Per-sample arrays (n_i, ...) -> one (B, width, ...) tensor, zeros after each n_i."""
+    out = torch.zeros((len(rows), width, *rows[0].shape[1:]), dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.from_numpy(row)
+    return out

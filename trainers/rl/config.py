@@ -92,6 +92,10 @@ class DistillConfig:
         False, "Run the teacher directory's own modelling code (its config's auto_map); model.trust_remote_code "
                "covers the student only.")
     cpus_per_teacher: float = opt(1.0, "on_policy: CPUs reserved for the teacher actor.")
+    teacher_top_k: int = opt(
+        64, "on_policy: the teacher sends, per response token, the log-probs of its k most likely tokens and "
+            "of all others together; the divergence is computed on those k + 1 outcomes (what travels no longer "
+            "grows with the vocabulary). 0: the whole vocabulary.")
 
     def validate(self, section: str) -> None:
         if self.temperature <= 0:
@@ -102,3 +106,6 @@ class DistillConfig:
             raise ConfigError(f"{section}.beta", f"must be in [0, 1], got {self.beta}")
         if self.cpus_per_teacher <= 0:
             raise ConfigError(f"{section}.cpus_per_teacher", f"must be > 0, got {self.cpus_per_teacher}")
+        if self.teacher_top_k < 0:
+            raise ConfigError(f"{section}.teacher_top_k", f"must be >= 0 (0: the whole vocabulary), "
+                                                          f"got {self.teacher_top_k}")

@@ -29,7 +29,8 @@ class Experience:
     old_values: Optional[torch.Tensor] = None    # (B, R)
     advantages: Optional[torch.Tensor] = None    # (B, R)
     returns: Optional[torch.Tensor] = None       # (B, R)
-    teacher_logprobs: Optional[torch.Tensor] = None  # (B, R, V) full teacher distributions
+    teacher_logprobs: Optional[torch.Tensor] = None  # (B, R, V), or (B, R, k + 1) on the teacher's top k + rest
+    teacher_ids: Optional[torch.Tensor] = None       # (B, R, k) those top-k token ids (None: the whole vocabulary)
     correction: Optional[torch.Tensor] = None    # (B, R) off-policy weights (trainers.rl.correction)
 
     @property

@@ -254,7 +254,9 @@ class RLLoop:
         return out
 
     def evaluate(self) -> dict:
-        """Greedy responses to held-out prompts: mean reward (or divergence from the teacher)."""
+        """Greedy responses to held-out prompts: mean reward (or divergence from the teacher),
+        and the seconds the evaluation took (`eval_s`)."""
+        started = time.perf_counter()
         records = self.datasets.eval
         if self.algo.eval_prompts:
             records = records[:self.algo.eval_prompts]
@@ -268,19 +270,20 @@ class RLLoop:
         out = {f"eval_{k}": v / n for k, v in totals.items() if k != "tokens"}
         if "divergence" in totals:
             out["eval_divergence"] = totals["divergence"] / max(totals["tokens"], 1.0)
-        return out
+        return out | {"eval_s": time.perf_counter() - started}
 
     @torch.no_grad()
     def eval_divergence(self, exp: Experience) -> float:
         """Summed per-token divergence student vs teacher on the given responses."""
-        from trainers.rl_losses import token_divergence
+        from trainers.rl_losses import support_divergence
 
         model = self.strategy.model
         model.eval()
         exp = exp.to(self.worker.device)
         d = self.job.distill
         logits, _ = model(exp.input_ids, exp.attention_mask, exp.position_ids)
-        per_token = token_divergence(at_response(logits, exp), exp.teacher_logprobs, exp.mask, d.loss, d.beta, 1.0)
+        per_token = support_divergence(at_response(logits, exp), exp.teacher_logprobs, exp.teacher_ids, exp.mask,
+                                       d.loss, d.beta)
         return float((per_token * exp.mask).sum())
 
     def save_final(self) -> None:

@@ -12,7 +12,7 @@ from trainers.methods import method_spec, resolve
 from trainers.rl.experience import Experience, token_logp
 from trainers.rl_losses import (aggregate, broadcast_to_tokens, entropy_from_logits, gae, grpo_advantages, kl_estimate,
                                 SumOverWorkers, masked_mean, masked_whiten, ppo_policy_loss, reinforce_pp_advantages,
-                                rloo_advantages, token_rewards, value_loss)
+                                rloo_advantages, support_divergence, token_rewards, value_loss)
 
 
 class AdaptiveKL:
@@ -138,10 +138,9 @@ class OnPolicyDistill(Objective):
         return {}
 
     def loss(self, logits, values, mb):
-        from trainers.rl_losses import token_divergence
-
         d = self.distill
-        per_token = token_divergence(logits, mb.teacher_logprobs, mb.mask, d.loss, d.beta, d.temperature)
+        per_token = support_divergence(logits, mb.teacher_logprobs, mb.teacher_ids, mb.mask, d.loss, d.beta,
+                                       d.temperature)
         weighted = per_token if mb.correction is None else per_token * mb.correction
         loss = aggregate(weighted, mb.mask, self.algo.aggregation)
         with torch.no_grad():
