@@ -1,28 +1,35 @@
-"""GRPO training speed: rayft's `grpo` method (a Ray Train worker, a vLLM engine actor and
-a reward actor) against TRL's `GRPOTrainer` (transformers `generate` in one process), on
-the same local model, prompts, reward and settings, as steady-state steps per minute.
+"""GRPO training speed and time to learn: rayft's `grpo` method (a Ray Train worker, a vLLM
+engine actor and a reward actor), synchronous and pipelined one step ahead, against TRL's
+`GRPOTrainer` (transformers `generate` in one process), on the same local model, prompts,
+reward and settings, all in one run.
 
-    python -m benchmarks grpo [--preset tiny] [--steps 100] [--warmup 2] [--prompts 8]
-                              [--samples 4] [--new-tokens 32] [--trl-threads 0] [--max-staleness 1]
-                              [--reference-only]
+    python -m benchmarks grpo [--workloads learn,bench128] [--staleness 0,1] [--trl-threads 0]
+                              [--learn-steps 100] [--bench-steps 20] [--target 0.3] [--reference-only]
 
-One step on both sides: draw `prompts` chat prompts of the synthetic task, sample
-`samples` responses each (temperature 1, at most `new-tokens` tokens), score them with
-exact match against the row's reference, group-normalise the rewards (GRPO), and take one
-optimizer step on all of them (no KL term, no reference model, one pass). TRL's torch runs
-on every core, as a user runs it (`--trl-threads 1` holds it to one thread, as Ray runs
-that of rayft's training worker). rayft generates the next step's samples while it trains
-(`rollout.max_staleness` 1, with its default truncated importance-sampling correction;
-`--max-staleness 0` generates and trains in turn, as TRL does).
+Workloads (`WORKLOADS`):
+  learn     the tiny model after a short SFT on single-digit sums answered in two styles,
+            "7" and "The answer is 7."; greedy decoding picks the verbose one, so the
+            exact-match reward on held-out prompts starts near 0 and rises as GRPO learns
+            the rewarded style. Reported: steady-state steps/min and the training time
+            until the held-out reward first reaches `target` (evaluated every 5 steps on
+            64 prompts, evaluation time left out on every side).
+  bench128  the 34M-parameter `bench` preset (random weights) with 128-token responses,
+            where generation dominates a step; steady-state steps/min.
 
-Steady state, the same for both, leaves out model loading, Ray and engine start-up and
-the first `warmup` steps' one-off costs (vLLM's warm-up, allocator growth), two ways:
-the median step (60 / the median duration of the steps after `warmup`), which stays put
+One step on every side: draw `prompts` chat prompts, sample `samples` responses each
+(temperature 1, at most `new_tokens` tokens), score them with exact match against the
+row's reference, group-normalise the rewards (GRPO), and take one optimizer step on all
+of them (no KL term, no reference model, one pass). TRL's torch runs on every core, as a
+user runs it (`--trl-threads 1` holds it to one thread, as Ray runs that of rayft's
+training worker). rayft runs once per `--staleness` value: 0 generates and trains in turn,
+as TRL does; 1 generates the next step's samples while it trains (truncated
+importance-sampling correction, its default).
+
+Steady state, the same for every side, leaves out model loading, Ray and engine start-up
+and the first `warmup` steps' one-off costs, two ways: the median step, which stays put
 when other processes share the machine's cores, and the mean (the steps after `warmup`
-over the wall time from the end of step `warmup` to the end of the last), which counts
-every stall. The wall time with start-up is reported beside them.
-rayft's step ends are the moments its step rows appear in the run's metrics.jsonl
-(polled every 20 ms); TRL's come from a trainer callback's `on_step_end`.
+over their wall time), which counts every stall. The wall time with start-up is reported
+beside them. See benchmarks.grpo_clock for how steps and evaluations are timed.
 """
 
 from __future__ import annotations
@@ -30,266 +37,184 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import shutil
 import sys
 import tempfile
-import threading
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from benchmarks.common import CACHE, Timer, bench_model, run_child, update_performance_doc, write_result
-from benchmarks.hf_reference import child_main, quiet_trainer, step_clock
-from cluster.progress import MetricsFollower
-from benchmarks.memory import PeakMemory
+from benchmarks.common import CACHE, bench_model, run_child, update_performance_doc, write_result
+from benchmarks.hf_reference import child_main
 
-# rayft's processes of a GRPO run: the training worker, the engine (actor and vLLM's engine
-# core) and the reward actor.
-RUN_ROLES = ("ray::RayTrainWorker", "ray::EngineActor", "ray::RewardActor", "VLLM::")
-
-# What the two sides do differently although the settings match.
+# What the sides do differently although the settings match.
 DIFFERENCES = [
     "neither side runs a separate scoring pass with one pass and one mini-batch: both take the "
-    "rollout log-probs from the update's own forward (importance ratio exactly 1)",
+    "rollout log-probs from the update's own forward (importance ratio exactly 1 when synchronous)",
     "rayft samples with vLLM in an engine actor and pushes the new weights to it every step; TRL calls "
     "transformers generate in the training process, where the weights already are",
     "rayft's training worker, engine and reward actor each reserve 1 CPU (Ray runs their torch on 1 thread); "
-    "TRL's one process runs torch on settings.trl_threads threads (0: every core)",
+    "TRL's one process runs torch on trl_threads threads (0: every core)",
     "TRL loss_type dapo (token losses averaged over every response token of the batch) is rayft's "
     "aggregation token with one mini-batch",
+    "held-out evaluation: rayft samples greedily on its engine, TRL with transformers generate; the time "
+    "either takes is left out of every rate and of the time to the target",
 ]
 
 
 @dataclass
-class Settings:
-    preset: str = "tiny"           # trainers.models preset of the policy
-    pretrain_steps: int = 200      # so the policy writes short answers and stops at end of turn
-    task: str = "addition"         # trainers.data.synth task of the prompts
-    steps: int = 100               # measured steps (after the warm-up)
+class Workload:
+    name: str
+    preset: str                    # trainers.models preset of the policy
+    pretrain_steps: int            # so the policy writes short answers and stops at end of turn
+    start: str                     # "pretrained", or "mixed_sft": then SFT on answers in two styles
+    task: str                      # trainers.data.synth task of the prompts
+    steps: int                     # measured steps (after the warm-up)
+    new_tokens: int                # longest response
+    lr: float
+    eval_every: int = 0            # held-out evaluation every this many steps (0: none)
+    eval_prompts: int = 64
+    target: float = 0.3            # held-out reward whose first reaching is timed
     warmup: int = 2                # steps left out of the steady-state time
     prompts: int = 8               # prompts per step
     samples: int = 4               # responses per prompt (the GRPO group)
-    new_tokens: int = 32           # longest response
     temperature: float = 1.0
-    lr: float = 1e-5
     seed: int = 0
-    # torch threads of TRL's process: 0 = every core, as a user runs it; 1 matches rayft's
-    # training worker (1 CPU, so Ray runs its torch on 1 thread)
-    trl_threads: int = 0
-    # rayft's rollout.max_staleness: 1 generates the next step's samples while the trainer
-    # trains (what a user after speed runs); 0 = generate and train in turn
-    max_staleness: int = 1
 
     @property
     def total_steps(self) -> int:
         return self.warmup + self.steps
 
 
-def steady_rates(step_ends: dict[int, float], warmup: int, total: int) -> dict:
-    """Steps per minute after step `warmup` up to step `total`, from the median step and
-    from the mean (`step_ends`: step number -> the time it ended, in seconds)."""
-    missing = [s for s in range(warmup, total + 1) if s not in step_ends]
-    if missing:
-        raise RuntimeError(f"no end time for step {missing[0]} (seen: {sorted(step_ends)})")
-    durations = [step_ends[s] - step_ends[s - 1] for s in range(warmup + 1, total + 1)]
-    return {"steps_per_min_median": 60.0 / statistics.median(durations),
-            "steps_per_min_mean": 60.0 * (total - warmup) / (step_ends[total] - step_ends[warmup])}
+WORKLOADS = {
+    "learn": Workload("learn", "tiny", 200, "mixed_sft", "small_addition", steps=100, new_tokens=32, lr=1e-4,
+                      eval_every=5, target=0.3),
+    "bench128": Workload("bench128", "bench", 0, "pretrained", "addition", steps=20, new_tokens=128, lr=1e-5),
+}
 
 
-def step_seconds(step_ends: dict[int, float]) -> list[float]:
-    """Each step's duration after the first (for reading how steady the steady state was)."""
-    steps = sorted(step_ends)
-    return [round(step_ends[b] - step_ends[a], 3) for a, b in zip(steps, steps[1:])]
-
-
-def mean(values) -> float | None:
-    values = [float(v) for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def trl_reward(completions, reference, **_) -> list[float]:
-    """rayft's built-in exact_match in TRL's reward signature (conversational completions)."""
-    from rollout.reward_rules import exact_match
-
-    return [exact_match("", c[-1]["content"], ref, {}) for c, ref in zip(completions, reference)]
-
-
-def run_reference(model_dir: Path, rows: list[dict], s: Settings, workdir: Path) -> dict:
-    """TRL's GRPOTrainer on CPU with transformers generation, matched to rayft's step."""
-    import warnings
-
-    import torch
-    from datasets import Dataset
-
-    with warnings.catch_warnings():  # TRL warns about the vLLM version even when it does not use vLLM
-        warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
-        import trl
-        from trl import GRPOConfig, GRPOTrainer
-
-    from trainers.models import load_causal_lm, load_tokenizer
-
-    dataset = Dataset.from_list([{"prompt": row["messages"][:1], "reference": row["reference"]} for row in rows])
-    clock = step_clock()
-    args = GRPOConfig(
-        output_dir=str(workdir / "trl"), max_steps=s.total_steps, seed=s.seed,
-        # One generation batch per optimizer step: P prompts x G samples, one pass, no accumulation.
-        per_device_train_batch_size=s.prompts * s.samples, gradient_accumulation_steps=1, num_iterations=1,
-        num_generations=s.samples, max_completion_length=s.new_tokens, temperature=s.temperature,
-        top_p=1.0, top_k=0,
-        learning_rate=s.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        beta=0.0, epsilon=0.2, scale_rewards="group", loss_type="dapo",  # dapo: mean over every response token
-        # TRL's own defaults (bf16, gradient checkpointing) differ from rayft's CPU defaults.
-        bf16=False, gradient_checkpointing=False, use_cpu=True, use_vllm=False,
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0)
-    trainer = quiet_trainer(GRPOTrainer(model=load_causal_lm(model_dir), reward_funcs=trl_reward, args=args,
-                                        train_dataset=dataset, processing_class=load_tokenizer(model_dir),
-                                        callbacks=[clock]))
-    with Timer() as wall:
-        trainer.train()
-    ends = {step: end for step, end, _ in clock.ends}
-    measured = [h for h in trainer.state.log_history if s.warmup < h.get("step", 0) and "reward" in h]
-    return {**steady_rates(ends, s.warmup, s.total_steps), "wall_s": wall.seconds,
-            "step_seconds": step_seconds(ends),
-            "mean_reward": mean(h["reward"] for h in measured),
-            "mean_response_tokens": mean(h.get("completions/mean_length") for h in measured),
-            "mean_step_time_s": mean(h.get("step_time") for h in measured), "load_avg": os.getloadavg(),
-            "trl": trl.__version__, "generation": "transformers generate (use_vllm=False)",
-            "torch_threads": torch.get_num_threads(), "loss_type": args.loss_type}
-
-
-class MetricsWatcher(threading.Thread):
-    """Notes when each step row first appears in a growing metrics.jsonl."""
-
-    def __init__(self, path: Path, interval: float = 0.02):
-        super().__init__(daemon=True)
-        self.follower, self.interval, self.ends = MetricsFollower(path), interval, {}
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(self.interval):
-            self.poll()
-
-    def poll(self) -> None:
-        now = time.perf_counter()
-        for row in self.follower.rows():
-            if "event" not in row and row.get("step", 0) > 0:
-                self.ends.setdefault(row["step"], now)
-
-    def stop(self) -> None:
-        self.done.set()
-        self.join()
-        self.poll()
-
-
-def rayft_config(model_dir: Path, data_path: Path, s: Settings, workdir: Path):
-    from cluster.config import JobConfig, from_dict
-
-    config = from_dict(JobConfig, {
-        "method": "grpo", "name": "grpo-bench", "output_dir": str(workdir / "runs"),
-        "model": {"path": str(model_dir)},
-        "data": {"train": [str(data_path)], "eval_fraction": 0.0},
-        "algo": {"prompts_per_step": s.prompts, "samples_per_prompt": s.samples, "max_new_tokens": s.new_tokens,
-                 "temperature": s.temperature, "top_p": 1.0, "estimator": "grpo", "kl_coef": 0.0,
-                 "ppo_epochs": 1, "mini_batches": 1, "clip_eps": 0.2, "aggregation": "token"},
-        "rollout": {"engine": "vllm", "num_engines": 1, "max_staleness": s.max_staleness},
-        "rewards": {"rewards": [{"fn": "exact_match"}]},
-        "train": {"max_steps": s.total_steps, "lr": s.lr, "scheduler": "constant", "warmup_ratio": 0.0,
-                  "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": s.seed, "log_every": 1, "eval_every": 0},
-        "cluster": {"num_workers": 1, "device": "cpu"},
-    })
-    config.validate()
-    return config
-
-
-def run_rayft(model_dir: Path, data_path: Path, s: Settings, workdir: Path) -> dict:
-    """rayft's grpo method, one training worker and one vLLM engine."""
+def mixed_sft_model(base: Path) -> Path:
+    """`base` after rayft SFT on single-digit sums answered half as "7" and half as "The
+    answer is 7." (cached): the start model of the `learn` workload."""
     import ray
 
+    from cluster.config import JobConfig, from_dict
     from cluster.train import run_training
-
-    config = rayft_config(model_dir, data_path, s, workdir)
-    watcher = MetricsWatcher(config.run_dir / "metrics.jsonl")
-    watcher.start()
-    try:
-        with Timer() as wall, PeakMemory() as memory:
-            summary = run_training(config, echo=lambda *_: None)
-    finally:
-        watcher.stop()
-        ray.shutdown()
-    processes = {name: peak for name, peak in memory.peaks().items() if name.startswith(RUN_ROLES)}
-    rows = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    measured = [r for r in rows if "event" not in r and r.get("step", 0) > s.warmup]
-    phases = {key: mean(r.get(key) for r in measured)
-              for key in ("generate_s", "score_s", "train_s", "sync_s", "step_s")}
-    return {**steady_rates(watcher.ends, s.warmup, s.total_steps), "wall_s": wall.seconds,
-            "step_seconds": step_seconds(watcher.ends),
-            "mean_reward": mean(r.get("reward_mean") for r in measured),
-            "mean_response_tokens": mean(r.get("response_length") for r in measured),
-            "mean_phase_s": phases, "summary_wall_s": summary.get("wall_time_s"), "load_avg": os.getloadavg(),
-            "peak_rss_mb": {"processes": processes, "total": sum(processes.values()),
-                            "training_workers": summary.get("peak_rss_mb_per_worker")}}
-
-
-def prepare(s: Settings, workdir: Path) -> tuple[Path, Path, list[dict]]:
-    """The policy (cached across runs) and the prompt file both sides train on."""
     from trainers.data.synth import synth_rows
 
-    model_dir = bench_model(s.preset, s.pretrain_steps)
-    rows = synth_rows(s.task, max(256, s.total_steps * s.prompts), seed=s.seed)
-    data_path = workdir / f"{s.task}.jsonl"
-    data_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return model_dir, data_path, rows
+    out = CACHE / f"{base.name}-mixed-sft"
+    if (out / "config.json").exists():
+        return out
+    with tempfile.TemporaryDirectory(prefix="mixed-sft-", dir=CACHE) as tmp:
+        data = Path(tmp) / "mixed.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in synth_rows("small_addition_mixed", 2000, seed=1)))
+        config = from_dict(JobConfig, {
+            "method": "sft", "name": "mixed-sft", "output_dir": tmp, "model": {"path": str(base)},
+            "data": {"train": [str(data)], "max_length": 48},
+            "train": {"max_steps": 150, "batch_size": 16, "lr": 1e-3}, "cluster": {"num_workers": 1}})
+        config.validate()
+        try:
+            run_training(config, echo=lambda *_: None)
+        finally:
+            ray.shutdown()
+        staged = CACHE / f".{out.name}.partial"
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(config.run_dir / "final", staged)
+        staged.rename(out)
+    return out
 
 
-def run(s: Settings, reference_only: bool = False) -> dict:
+def prepare(w: Workload, workdir: Path) -> dict[str, Path]:
+    """The policy (cached across runs), the training prompts and the held-out prompts."""
+    from trainers.data.synth import synth_rows
+
+    model = bench_model(w.preset, w.pretrain_steps)
+    if w.start == "mixed_sft":
+        model = mixed_sft_model(model)
+    paths = {"model": model, "train": workdir / f"{w.name}-train.jsonl", "eval": workdir / f"{w.name}-eval.jsonl"}
+    for key, n, seed in (("train", max(256, w.total_steps * w.prompts), w.seed), ("eval", w.eval_prompts, w.seed + 1)):
+        paths[key].write_text("".join(json.dumps(r) + "\n" for r in synth_rows(w.task, n, seed=seed)))
+    return paths
+
+
+def run_workload(w: Workload, staleness: list[int], trl_threads: int, workdir: Path,
+                 reference_only: bool = False) -> dict:
+    from benchmarks.grpo_rayft import run_rayft
+
+    data = prepare(w, workdir)
+    rayft = {} if reference_only else {k: run_rayft(w, data, k, workdir) for k in staleness}
+    reference = run_child("benchmarks.grpo", {"side": "trl", "workload": asdict(w), "workdir": str(workdir),
+                                              "data": {k: str(v) for k, v in data.items()},
+                                              "threads": trl_threads or os.cpu_count() or 1})
+    return {"workload": asdict(w), "reference": reference, "rayft": {str(k): v for k, v in rayft.items()},
+            "rows": table_rows(w, rayft, reference)}
+
+
+def table_rows(w: Workload, rayft: dict[int, dict], reference: dict) -> list[dict]:
+    name = f"TRL {reference['trl']} GRPOTrainer"
+    label = f"GRPO {w.name} ({w.preset}, {w.new_tokens}-token responses)"
+    metrics = [("steps_per_min_median", "steps/min, median step"),
+               ("steps_per_min_mean", f"steps/min, steps {w.warmup + 1}-{w.total_steps} wall time"),
+               ("time_to_target_s", f"time to held-out reward {w.target}, s (lower is better)"),
+               ("wall_s", f"wall time, {w.total_steps} steps with start-up, s (lower is better)")]
+    rows = []
+    for k, side in rayft.items():
+        for key, metric in metrics:
+            if side.get(key) is not None and reference.get(key) is not None:
+                rows.append({"metric": f"{label} max_staleness {k}: {metric}", "rayft": side[key],
+                             "reference": reference[key], "reference_name": name})
+        rows.append({"metric": f"{label} max_staleness {k}: peak RSS, every process, MiB (lower is better)",
+                     "rayft": side["peak_rss_mb"]["total"], "reference": reference["peak_rss_mb"],
+                     "reference_name": name})
+    return rows
+
+
+def run(names: list[str], staleness: list[int], trl_threads: int, overrides: dict,
+        reference_only: bool = False) -> dict:
     load = os.getloadavg()[0]
     if load > (os.cpu_count() or 1):
-        print(f"warning: load average {load:.1f} on {os.cpu_count()} cores; both sides' timings will be noisy")
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} cores; every side's timings will be noisy")
     CACHE.mkdir(parents=True, exist_ok=True)
+    results = {}
     with tempfile.TemporaryDirectory(prefix="grpo-", dir=CACHE) as tmp:
-        workdir = Path(tmp)
-        model_dir, data_path, _ = prepare(s, workdir)
-        rayft = None if reference_only else run_rayft(model_dir, data_path, s, workdir)
-        reference = run_child("benchmarks.grpo", {"side": "trl", "settings": asdict(s), "model_dir": str(model_dir),
-                                                  "data": str(data_path), "workdir": str(workdir),
-                                                  "threads": s.trl_threads or os.cpu_count() or 1})
-    result = {"settings": {**asdict(s), "steady_state": f"steps {s.warmup + 1}..{s.total_steps}: "
-                                                         "median step, and steps over their wall time"},
-              "reference": reference, "rayft": rayft, "differences": DIFFERENCES}
-    if rayft:
-        name = f"TRL {reference['trl']} GRPOTrainer"
-        rows = [("steps_per_min_median", "GRPO steps/min, median step"),
-                ("steps_per_min_mean", f"GRPO steps/min, steps {s.warmup + 1}-{s.total_steps} wall time"),
-                ("wall_s", f"GRPO wall time, {s.total_steps} steps with start-up, s")]
-        result["rows"] = [{"metric": metric, "rayft": rayft[key], "reference": reference[key], "reference_name": name}
-                          for key, metric in rows]
-        result["rows"].append({"metric": "GRPO peak RSS, every process of the run, MiB (lower is better)",
-                               "rayft": rayft["peak_rss_mb"]["total"], "reference": reference["peak_rss_mb"],
-                               "reference_name": name})
-    return result
+        for name in names:
+            w = replace(WORKLOADS[name], **overrides.get(name, {}))
+            results[name] = run_workload(w, staleness, trl_threads, Path(tmp), reference_only)
+    return {"settings": {"workloads": names, "staleness": staleness, "trl_threads": trl_threads},
+            "workloads": results, "differences": DIFFERENCES,
+            "rows": [row for result in results.values() for row in result["rows"]]}
 
 
 def run_trl_child(payload: dict) -> dict:
-    """Child process: TRL's side, on the prompt file rayft trained on."""
-    rows = [json.loads(line) for line in Path(payload["data"]).read_text().splitlines() if line.strip()]
-    return run_reference(Path(payload["model_dir"]), rows, Settings(**payload["settings"]), Path(payload["workdir"]))
+    """Child process: TRL's side, on the prompt files rayft trained and evaluated on."""
+    from benchmarks.grpo_trl import run_reference
+
+    return run_reference(Workload(**payload["workload"]), {k: Path(v) for k, v in payload["data"].items()},
+                         Path(payload["workdir"]))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks grpo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = Settings()
-    for key in ("preset", "pretrain_steps", "task", "steps", "warmup", "prompts", "samples", "new_tokens", "lr",
-                "trl_threads", "max_staleness"):
-        value = getattr(defaults, key)
-        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value,
-                            help=f"default {value}")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"of {', '.join(WORKLOADS)}")
+    parser.add_argument("--staleness", default="0,1", help="rayft's rollout.max_staleness values, one run each")
+    parser.add_argument("--trl-threads", type=int, default=0, help="TRL's torch threads (0: every core)")
+    parser.add_argument("--learn-steps", type=int, default=WORKLOADS["learn"].steps,
+                        help="learn: measured steps after the warm-up")
+    parser.add_argument("--bench-steps", type=int, default=WORKLOADS["bench128"].steps,
+                        help="bench128: measured steps after the warm-up")
+    parser.add_argument("--target", type=float, default=WORKLOADS["learn"].target,
+                        help="learn: the held-out reward to reach")
     parser.add_argument("--reference-only", action="store_true", help="time TRL alone (no result file)")
-    args = vars(parser.parse_args(argv))
-    reference_only = args.pop("reference_only")
-    result = run(Settings(**args), reference_only)
-    if reference_only:
-        print(json.dumps(result["reference"], indent=2))
+    args = parser.parse_args(argv)
+    names = [n for n in args.workloads.split(",") if n]
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload {unknown[0]!r}; expected some of {', '.join(WORKLOADS)}")
+    overrides = {"learn": {"steps": args.learn_steps, "target": args.target}, "bench128": {"steps": args.bench_steps}}
+    staleness = [int(k) for k in args.staleness.split(",") if k]
+    result = run(names, staleness, args.trl_threads, overrides, args.reference_only)
+    if args.reference_only:
+        print(json.dumps({n: r["reference"] for n, r in result["workloads"].items()}, indent=2))
         return
     print(write_result("grpo", result))
     update_performance_doc()
