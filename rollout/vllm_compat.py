@@ -38,7 +38,7 @@ def remove_lora(llm, lora_int_id: int) -> None:
 
 
 def shutdown(llm) -> None:
-    """Stop the engine-core and worker processes of `llm` now (else at garbage collection)."""
+    """Stop the engine core of `llm` (and its processes, where it has them) now, not at garbage collection."""
     engine = getattr(llm, "llm_engine", None)
     if engine is not None and hasattr(engine, "engine_core"):
         engine.engine_core.shutdown()
