@@ -88,7 +88,7 @@ class Workload:
 WORKLOADS = {
     "learn": Workload("learn", "tiny", 200, "mixed_sft", "small_addition", steps=100, new_tokens=32, lr=1e-4,
                       eval_every=5, target=0.3),
-    "bench128": Workload("bench128", "bench", 0, "pretrained", "addition", steps=20, new_tokens=128, lr=1e-5),
+    "bench128": Workload("bench128", "bench", 0, "pretrained", "addition", steps=8, new_tokens=128, lr=1e-5),
 }
 
 

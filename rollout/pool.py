@@ -25,9 +25,18 @@ from rollout.engine import Generation, PromptInput, Sampling
 from rollout.pool_owner import PoolOwner, RolloutError
 from rollout.slots import split_evenly
 
-__all__ = ["RolloutPool", "RolloutError", "SyncReport", "split_evenly", "pool_wait_s"]
+__all__ = ["RolloutPool", "RolloutError", "SentSync", "SyncReport", "split_evenly", "pool_wait_s"]
 
 MAX_CALLERS = 64  # owner calls served at once (every worker's generate, plus a sync)
+
+
+@dataclass
+class SentSync:
+    """A sync sent to the engines, not yet confirmed (`RolloutPool.confirm_sync`)."""
+    started: float
+    bytes: int
+    buckets: int
+    version: int
 
 
 @dataclass
@@ -92,6 +101,19 @@ class RolloutPool:
         (default: the pool's next); the pool keeps them for engines that start later. Every
         engine confirms the version and the fingerprint of what it loaded, or the call
         raises (`SyncError` naming the engine and the tensors, or `RolloutError`)."""
+        return self.confirm_sync(self.send_weights(state_dict, version))
+
+    def sync_adapter(self, tensors: dict, adapter_config: dict, version: int | None = None) -> SyncReport:
+        """Serve a LoRA adapter on every engine as weight version `version`, the base left as
+        it is: only the adapter's tensors travel (peft's names, as in adapter_model.safetensors,
+        with `adapter_config` as in adapter_config.json). Needs engines started with
+        `enable_lora`; confirmed like `sync_weights`."""
+        return self.confirm_sync(self.send_adapter(tensors, adapter_config, version))
+
+    def send_weights(self, state_dict: dict, version: int | None = None) -> SentSync:
+        """`sync_weights` without waiting for the engines: returns once every engine has the
+        sync queued after the requests sent before it (a request sent after this returns is
+        served at the new weights). `confirm_sync` waits for the engines and checks them."""
         from rollout.weight_sync import fingerprint, pack_state
 
         start = time.perf_counter()
@@ -99,15 +121,11 @@ class RolloutPool:
         buckets = pack_state(state_dict, self.cfg.sync_bucket_mb)
         sizes = [len(b) for b in buckets]
         refs = [ray.put(buckets.pop(0)) for _ in range(len(buckets))]
-        confirmed = self._wait(self.owner.sync_weights.remote(refs, sent, version), "sync_weights")
-        return SyncReport(time.perf_counter() - start, max(c["seconds"] for c in confirmed), sum(sizes), len(sizes),
-                          confirmed[0]["version"])
+        version = self._wait(self.owner.send_weights.remote(refs, sent, version), "send_weights")
+        return SentSync(start, sum(sizes), len(sizes), version)
 
-    def sync_adapter(self, tensors: dict, adapter_config: dict, version: int | None = None) -> SyncReport:
-        """Serve a LoRA adapter on every engine as weight version `version`, the base left as
-        it is: only the adapter's tensors travel (peft's names, as in adapter_model.safetensors,
-        with `adapter_config` as in adapter_config.json). Needs engines started with
-        `enable_lora`; confirmed like `sync_weights`."""
+    def send_adapter(self, tensors: dict, adapter_config: dict, version: int | None = None) -> SentSync:
+        """`sync_adapter` without waiting for the engines, as `send_weights`."""
         from safetensors.torch import save
 
         from rollout.weight_sync import fingerprint
@@ -115,10 +133,18 @@ class RolloutPool:
         start = time.perf_counter()
         sent = fingerprint(tensors)
         payload = save({n: t.detach().to("cpu").contiguous() for n, t in tensors.items()})
-        confirmed = self._wait(self.owner.sync_adapter.remote(ray.put(payload), adapter_config, sent, version),
-                               "sync_adapter")
-        return SyncReport(time.perf_counter() - start, max(c["seconds"] for c in confirmed), len(payload), 1,
-                          confirmed[0]["version"])
+        version = self._wait(self.owner.send_adapter.remote(ray.put(payload), adapter_config, sent, version),
+                             "send_adapter")
+        return SentSync(start, len(payload), 1, version)
+
+    def confirm_sync(self, sync: SentSync) -> SyncReport:
+        """Wait until every engine confirmed `sync` (the last one sent): its report."""
+        confirmed = self._wait(self.owner.confirm_sync.remote(), "confirm_sync")
+        if not confirmed or confirmed[0]["version"] != sync.version:
+            raise RolloutError(f"sync {sync.version} was not confirmed (the pool was reset, or a later sync "
+                               "was sent meanwhile)")
+        return SyncReport(time.perf_counter() - sync.started, max(c["seconds"] for c in confirmed), sync.bytes,
+                          sync.buckets, sync.version)
 
     def reset(self) -> float:
         """Back to the start model on every engine (for another run on this pool); returns

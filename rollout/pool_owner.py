@@ -51,6 +51,7 @@ class PoolOwner:
         self.engines: Slots | None = None
         self.requests: dict[int, tuple[Gathering, list[range]]] = {}  # submitted, not yet collected
         self.tickets, self.requests_lock = itertools.count(1), threading.Lock()
+        self.unconfirmed: tuple[Gathering, int, int] | None = None  # the last sync sent: (its shares, tensors, version)
 
     def start(self) -> str:
         """Start every engine; returns the engine kind once all are ready."""
@@ -88,10 +89,14 @@ class PoolOwner:
                          lambda engine, shard: getattr(engine, method).remote(*args_for(shard)), role="engine",
                          error=RolloutError, timeout_s=self.cfg.timeout_s, max_retries=self.cfg.max_retries)
 
+    def _send_each(self, method: str, args_for) -> Gathering:
+        """`method` sent to every engine with `args_for(index)`."""
+        return self._send([range(i, i + 1) for i in range(len(self.engines))], method,
+                          lambda shard: args_for(shard.start))
+
     def _each_engine(self, method: str, args_for) -> list:
         """`method` on every engine with `args_for(index)`, waited for."""
-        return self._send([range(i, i + 1) for i in range(len(self.engines))], method,
-                          lambda shard: args_for(shard.start)).wait()
+        return self._send_each(method, args_for).wait()
 
     def submit(self, prompts: list[PromptInput], sampling: Sampling) -> int:
         """Send a generation request to the engines now; returns the ticket `result` takes."""
@@ -125,12 +130,14 @@ class PoolOwner:
         parts = self._send(shards, "score", lambda s: ([prompt_ids[k] for k in s], [response_ids[k] for k in s])).wait()
         return [row for part in parts for row in part]
 
-    def sync_weights(self, bucket_refs: list, sent: dict[str, int], version: int | None = None) -> list[dict]:
-        """Keep a copy of the buckets (the caller's refs die with the caller) and load them on
-        every engine as `version` (default: the next); each engine checks what it loaded
-        against the fingerprint `sent` and confirms. Returns each engine's confirmation."""
+    def send_weights(self, bucket_refs: list, sent: dict[str, int], version: int | None = None) -> int:
+        """Keep a copy of the buckets (the caller's refs die with the caller) and send them to
+        every engine as `version` (default: the next), after the requests sent before; each
+        engine checks what it loaded against the fingerprint `sent`. Returns the version once
+        sent; `confirm_sync` waits for the engines' confirmations."""
         from rollout.weight_sync import payload_names
 
+        self.confirm_sync()  # one sync in flight at most: never one left unchecked
         with self.engines.lock:  # no replacement starts from the previous weights meanwhile
             payloads = [ray.get(ref, timeout=self.cfg.timeout_s) for ref in bucket_refs]
             synced = [(frozenset(names), ray.put(p), {n: sent.get(n) for n in names})
@@ -141,28 +148,43 @@ class PoolOwner:
                                    f"{len(sent)}: {sorted(covered ^ set(sent))[:3]} differ")
             self.version = self.version + 1 if version is None else version
             self.weights = [w for w in self.weights if not w[0] <= covered] + synced
-            refs = [ref for _, ref, _ in synced]
-            confirmed = self._each_engine("update_weights", lambda i: (refs, self.version, sent, f"engine {i}"))
-        return self._check_confirmed(confirmed, len(sent))
+            refs, synced_version = [ref for _, ref, _ in synced], self.version
+            self._sent(self._send_each("update_weights", lambda i: (refs, synced_version, sent, f"engine {i}")),
+                       len(sent), synced_version)
+        return synced_version
 
-    def sync_adapter(self, payload: bytes, adapter_config: dict, sent: dict[str, int],
-                     version: int | None = None) -> list[dict]:
-        """Serve a LoRA adapter (its tensors as one safetensors payload; Ray resolves a ref
-        passed for it) on every engine as `version`, on the unchanged base; engines check it
-        against the fingerprint `sent` and confirm. Kept for engines that start later.
-        Returns each confirmation."""
+    def send_adapter(self, payload: bytes, adapter_config: dict, sent: dict[str, int],
+                     version: int | None = None) -> int:
+        """Send a LoRA adapter (its tensors as one safetensors payload; Ray resolves a ref
+        passed for it) to every engine as `version`, to serve on the unchanged base; engines
+        check it against the fingerprint `sent`. Kept for engines that start later. Returns
+        the version once sent; `confirm_sync` waits for the confirmations."""
+        self.confirm_sync()
         with self.engines.lock:
             self.adapter = (ray.put(payload), adapter_config, sent)
             self.version = self.version + 1 if version is None else version
-            confirmed = self._each_engine("load_adapter_tensors", lambda i: (
-                self.adapter[0], adapter_config, self.version, sent, f"engine {i}"))
-        return self._check_confirmed(confirmed, len(sent))
+            ref, synced_version = self.adapter[0], self.version
+            self._sent(self._send_each("load_adapter_tensors", lambda i: (
+                ref, adapter_config, synced_version, sent, f"engine {i}")), len(sent), synced_version)
+        return synced_version
 
-    def _check_confirmed(self, confirmed: list[dict], tensors: int) -> list[dict]:
+    def _sent(self, gathering: Gathering, tensors: int, version: int) -> None:
+        with self.requests_lock:
+            self.unconfirmed = (gathering, tensors, version)
+
+    def confirm_sync(self) -> list[dict]:
+        """Each engine's confirmation of the last sync sent, once every engine loaded it (a
+        lost engine's share re-sent to its replacement); [] when none is waiting. Raises
+        `SyncError` naming the engine and the tensors it did not load as sent."""
+        with self.requests_lock:
+            unconfirmed, self.unconfirmed = self.unconfirmed, None
+        if unconfirmed is None:
+            return []
+        gathering, tensors, version = unconfirmed
+        confirmed = gathering.wait()
         for i, confirmation in enumerate(confirmed):
-            if confirmation.get("version") != self.version or confirmation.get("tensors") != tensors:
-                raise RolloutError(f"engine {i} confirmed {confirmation} after sync {self.version} of "
-                                   f"{tensors} tensors")
+            if confirmation.get("version") != version or confirmation.get("tensors") != tensors:
+                raise RolloutError(f"engine {i} confirmed {confirmation} after sync {version} of {tensors} tensors")
         return confirmed
 
     def reset(self) -> float:
@@ -173,6 +195,7 @@ class PoolOwner:
             self.weights, self.adapter, self.version = [], None, 0
             with self.requests_lock:
                 self.requests.clear()
+                self.unconfirmed = None
             loaded = self._each_engine("load_checkpoint",
                                        lambda _: (self.model_dir, self.cfg.sync_bucket_mb, self.adapter_dir))
         return max(c["seconds"] for c in loaded)

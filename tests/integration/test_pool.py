@@ -123,8 +123,25 @@ def test_every_engine_confirms_the_version_and_a_tensor_that_arrived_changed_is_
     name = "model.layers.1.mlp.down_proj.weight"
     sent = fingerprint(state) | {name: fingerprint(state)[name] ^ 1}
     refs = [ray.put(b) for b in pack_state(state, 32)]
+    assert ray.get(pool.owner.send_weights.remote(refs, sent), timeout=300) == 42  # sent: not yet checked
     with pytest.raises(SyncError, match=rf"engine \d: weight sync incomplete; loaded with other bytes: {name}"):
-        ray.get(pool.owner.sync_weights.remote(refs, sent), timeout=300)
+        ray.get(pool.owner.confirm_sync.remote(), timeout=300)
+
+
+def test_a_sync_sent_between_two_requests_is_served_between_them(pool, tiny_base_dir):
+    """What pipelined rollouts rely on: a sync sent (not waited for) after one request and
+    before another reaches every engine between the two, and is confirmed afterwards."""
+    start = _perturbed(tiny_base_dir, 5).state_dict()
+    version = pool.sync_weights(start, version=50).version
+    prompts = [_messages(q) for q in QUESTIONS[:4]]
+    sampling = Sampling(temperature=0.0, max_new_tokens=4)
+    before = pool.submit(prompts, sampling)
+    sent = pool.send_weights(_perturbed(tiny_base_dir, 6).state_dict(), version=version + 1)
+    after = pool.submit(prompts, sampling)
+    assert [g[0].policy_version for g in pool.result(before)] == [version] * 4
+    assert [g[0].policy_version for g in pool.result(after)] == [version + 1] * 4
+    report = pool.confirm_sync(sent)
+    assert report.version == version + 1 and report.bytes == sent.bytes > 0
 
 
 def test_an_engine_killed_after_a_sync_comes_back_with_the_synced_weights(pool, tiny_base_dir):

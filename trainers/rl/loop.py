@@ -55,6 +55,7 @@ class RLLoop:
         self.worker, self.run_dir = Worker.current(), Path(job.run_dir)
         self.collector = Collector(job, tokenizer, services, self.worker)
         self.pool = services.pool
+        self.unconfirmed = None  # a sync sent to the engines, its confirmation not yet waited for
         seed_everything(job.train.seed)
         self.kl = AdaptiveKL(self.algo.kl_coef, self.algo.kl_target, self.algo.kl_horizon)
         self.objective = build_objective(job, self.kl)
@@ -100,11 +101,15 @@ class RLLoop:
             progress.kl_coef = self.kl.coef
             row = {"step": done, **row, "prompts_seen": progress.prompts_seen}
             last = done == self.plan.total_steps
-            if (job.train.eval_every and done % job.train.eval_every == 0) or last:
+            evaluate = (job.train.eval_every and done % job.train.eval_every == 0) or last
+            saving = (job.train.save_every and done % job.train.save_every == 0) or last
+            if evaluate or saving:
+                self.confirm_sync()
+            if evaluate:
                 row.update(self.evaluate())
             if done % job.train.log_every == 0 or last or any(k.startswith("eval_") for k in row):
                 log.write(row)
-            if (job.train.save_every and done % job.train.save_every == 0) or last:
+            if saving:
                 report_checkpoint(self.strategy, worker, progress, row, pipeline and pipeline.save)
         self.save_final()
         log_peak_memory(log, worker, progress.step)
@@ -209,23 +214,36 @@ class RLLoop:
         return {k: v / count for k, v in sums.items()} | first | {"lr": self.strategy.lr}
 
     def sync(self, version: int) -> float:
-        """Rank 0 pushes the policy after `version` updates to the engines, which confirm
-        it; every worker waits for it (so no one samples from stale weights). Returns the
-        sync's wall time."""
-        started, seconds, report = time.perf_counter(), 0.0, None
+        """Rank 0 sends the policy after `version` updates to the engines; every worker waits
+        until it is sent (a request sent after it is served at the new weights). The engines'
+        confirmation is waited for now, or with pipelined rollouts at the next sync (or
+        before an evaluation or a checkpoint): the engines load it while the trainer trains
+        on samples generated before it, and a sync that did not arrive still fails before
+        any sample of its weights is trained on. Returns the time the trainer spent on it."""
+        started, sent_mb = time.perf_counter(), 0.0
+        self.confirm_sync()
         if self.job.adapter_sync:
             adapter = engine_adapter(self.strategy, self.worker.is_main)
             if self.worker.is_main:
-                report = self.pool.sync_adapter(*adapter, version)
+                self.unconfirmed = self.pool.send_adapter(*adapter, version)
         else:
             state = engine_weights(self.strategy, self.worker.is_main, self.job.peft.method)
             if self.worker.is_main:
-                report = self.pool.sync_weights(state, version)
-        if report is not None:
-            seconds = time.perf_counter() - started
+                self.unconfirmed = self.pool.send_weights(state, version)
+        if self.unconfirmed is not None:
+            sent_mb = self.unconfirmed.bytes / 2**20
+        if not self.job.rollout.max_staleness or self.job.rollout.verify_sync:
+            self.confirm_sync()
+        seconds = time.perf_counter() - started if self.worker.is_main else 0.0
         # Rank 0's figures, summed with zeros: also the barrier.
-        seconds, self.sync_mb = all_reduce_sum([seconds, report.bytes / 2**20 if report else 0.0], self.worker.device)
+        seconds, self.sync_mb = all_reduce_sum([seconds, sent_mb], self.worker.device)
         return seconds
+
+    def confirm_sync(self) -> None:
+        """Wait for the engines' confirmation of the last sync sent, if any (rank 0)."""
+        if self.unconfirmed is not None:
+            sync, self.unconfirmed = self.unconfirmed, None
+            self.pool.confirm_sync(sync)
 
     @torch.no_grad()
     def sync_gap(self, exp: Experience, rows: int = 4) -> float:
