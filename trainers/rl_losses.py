@@ -227,10 +227,12 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 
 def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked mean over tokens of H(p) = logsumexp(z) - sum_v p_v z_v, p = softmax(z); logits (B, T, V)."""
-    logits = logits.float()
-    entropy = torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
-    return masked_mean(entropy, mask)
+    """Masked mean over tokens of H(p) = logsumexp(z) - sum_v p_v z_v, p = softmax(z); logits (B, T, V).
+    One row at a time: its (T, V) temporaries stay small enough to stay in cache."""
+    rows = []
+    for z in logits.float().unbind(0):
+        rows.append(torch.logsumexp(z, -1) - (z.softmax(-1) * z).sum(-1))
+    return masked_mean(torch.stack(rows) if rows else logits.new_zeros(mask.shape), mask)
 
 
 # -- distillation ----------------------------------------------------------------------------

@@ -99,12 +99,16 @@ def _positions(seq_lens: list[int], width: int) -> torch.Tensor:
     return torch.cat([torch.arange(n) for n in seq_lens + ([pad] if pad else [])])
 
 
-def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype = torch.float32,
+                      shared: int | None = None) -> torch.Tensor:
     """(B, 1, L, L) additive mask from (B, L) sample ids (-1 = padding): a token sees the
-    earlier tokens of its own sample only."""
+    earlier tokens of its own sample only, and those of segment `shared` (a prefix that
+    every later sample of the row continues) where given."""
     width = segments.shape[1]
     causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
     same = segments[:, :, None] == segments[:, None, :]
+    if shared is not None:
+        same |= (segments == shared)[:, None, :]
     allowed = same & causal & (segments >= 0)[:, None, :]
     # A padding query sees itself only: a row with nothing allowed softmaxes to NaN in some
     # kernels, and a NaN there would reach real tokens through 0 * NaN in the next layer.

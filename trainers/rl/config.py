@@ -50,6 +50,10 @@ class AlgoConfig:
         "token", "token: each token's own ratio; sequence: the product over the response, for all its tokens.")
     correction_cap: float = opt(2.0, "Truncation (tis) or masking (mis) threshold of the correction weights, >= 1.")
     entropy_coef: float = opt(0.0, "Weight of the entropy bonus (higher keeps sampling diverse).")
+    share_prompts: bool = opt(
+        True, "Train on a prompt's samples as one sequence, the prompt computed once and every response "
+              "attending to it (a 4D mask; sdpa or eager attention), when that means fewer tokens: the same "
+              "loss, less compute with long prompts or large groups.")
     eval_prompts: int = opt(64, "Held-out prompts (data.eval) scored greedily at each evaluation; 0 = all.")
 
     def validate(self, section: str) -> None:

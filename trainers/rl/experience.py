@@ -12,7 +12,6 @@ from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -78,6 +77,20 @@ def at_response(per_position: torch.Tensor, exp: Experience) -> torch.Tensor:
 
 
 def token_logp(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / T) of each token; logits (B, R, V), tokens (B, R) -> (B, R)."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """log softmax(logits / T) of each token; logits (B, R, V), tokens (B, R) -> (B, R).
+    Computed as z_token - logsumexp(z): the (B, R, V) log-softmax is never materialised."""
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    return z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+
+def sampled_and_raw_logp(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) \
+        -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens' log-probs at the sampling temperature (with the graph of `logits`) and,
+    detached, of the raw distribution the engines report; one computation when T = 1."""
+    sampled = token_logp(logits, tokens, temperature)
+    if temperature == 1.0:
+        return sampled, sampled.detach()
+    with torch.no_grad():
+        return sampled, token_logp(logits, tokens)

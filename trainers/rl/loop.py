@@ -25,7 +25,8 @@ from trainers.metrics import MetricsLog
 from trainers.rl.collect import Collector, digest
 from trainers.rl.correction import correction_weights
 from trainers.rl.pipeline import RolloutPipeline
-from trainers.rl.experience import Experience, at_response, token_logp
+from trainers.rl.experience import Experience, at_response, sampled_and_raw_logp, token_logp
+from trainers.rl.shared_rows import Layout
 from trainers.reference import Reference
 from trainers.rl.model import build_rl_model, engine_adapter, engine_weights, policy_state
 from trainers.rl.objectives import AdaptiveKL, build_objective
@@ -67,6 +68,7 @@ class RLLoop:
                                        offload_optimizer=job.cluster.offload_optimizer,
                                        offload_params=job.cluster.offload_params)
         self.reference = Reference(job, use_gpu, self.worker.device) if self.objective.needs_reference else None
+        self.layout = Layout.for_model(model.policy, self.algo.share_prompts)
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -154,17 +156,18 @@ class RLLoop:
         old, raw, values, ref = [], [], [], []
         for rows in self.chunks(len(exp)):
             mb = exp.rows(rows)
+            inputs, at_responses = self.layout(mb)
             if not self.single_pass:
-                logits, v = model(mb.input_ids, mb.attention_mask, mb.position_ids)
-                logits = at_response(logits, mb)
-                old.append(token_logp(logits, mb.response_ids, self.algo.temperature))
-                raw.append(token_logp(logits, mb.response_ids))
+                logits, v = model(**inputs)
+                logits = at_responses(logits)
+                sampled, raw_logp = sampled_and_raw_logp(logits, mb.response_ids, self.algo.temperature)
+                old.append(sampled)
+                raw.append(raw_logp)
                 if v is not None:
-                    values.append(at_response(v, mb))
+                    values.append(at_responses(v))
             if self.reference is not None:
-                ref_logits = self.reference.logits(unwrap(model).policy, input_ids=mb.input_ids,
-                                                   attention_mask=mb.attention_mask, position_ids=mb.position_ids)
-                ref.append(token_logp(at_response(ref_logits, mb), mb.response_ids, self.algo.temperature))
+                ref_logits = self.reference.logits(unwrap(model).policy, **inputs)
+                ref.append(token_logp(at_responses(ref_logits), mb.response_ids, self.algo.temperature))
         exp.ref_logp = torch.cat(ref) if ref else None
         if self.single_pass:
             return {}
@@ -196,15 +199,16 @@ class RLLoop:
             order = torch.randperm(len(exp), generator=generator)
             for rows in self.chunks(len(exp)):
                 mb = exp.rows(order[rows].to(exp.input_ids.device))
-                logits, values = model(mb.input_ids, mb.attention_mask, mb.position_ids)
+                inputs, at_responses = self.layout(mb)
+                logits, values = model(**inputs)
                 if values is not None:
-                    values = at_response(values, mb)
-                logits = at_response(logits, mb)
+                    values = at_responses(values)
+                logits = at_responses(logits)
+                logp, raw_logp = sampled_and_raw_logp(logits, mb.response_ids, self.algo.temperature)
                 if mb.old_logp is None:  # single pass: this forward is the rollout policy's
-                    with torch.no_grad():
-                        mb.old_logp = token_logp(logits, mb.response_ids, self.algo.temperature)
-                        first = self.rollout_metrics(token_logp(logits, mb.response_ids), mb)
-                loss, stats = self.objective.loss(logits, values, mb)
+                    mb.old_logp = logp.detach()
+                    first = self.rollout_metrics(raw_logp, mb)
+                loss, stats = self.objective.loss(logits, logp, values, mb)
                 self.strategy.backward(loss)
                 stats["grad_norm"] = self.strategy.step()
                 stats["loss"] = loss.detach()

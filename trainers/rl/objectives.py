@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from trainers.methods import method_spec, resolve
-from trainers.rl.experience import Experience, token_logp
+from trainers.rl.experience import Experience
 from trainers.rl_losses import (aggregate, broadcast_to_tokens, entropy_from_logits, gae, grpo_advantages, kl_estimate,
                                 SumOverWorkers, masked_mean, masked_whiten, ppo_policy_loss, reinforce_pp_advantages,
                                 rloo_advantages, support_divergence, token_rewards, value_loss)
@@ -66,16 +66,19 @@ class Objective:
         group baselines need none, as a prompt's samples all sit on one worker."""
         raise NotImplementedError
 
-    def loss(self, logits: torch.Tensor, values: torch.Tensor | None, mb: Experience) -> tuple[torch.Tensor, dict]:
+    def loss(self, logits: torch.Tensor, logp: torch.Tensor, values: torch.Tensor | None,
+             mb: Experience) -> tuple[torch.Tensor, dict]:
+        """The mini-batch loss from the forward's response logits (B, R, V), the sampled
+        tokens' log-probs at the sampling temperature (B, R), values (B, R) or None."""
         algo = self.algo
-        logp = token_logp(logits, mb.response_ids, self.temperature)
         loss, stats = ppo_policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, algo.clip_eps,
                                       algo.clip_eps_high or None, algo.aggregation, mb.correction)
         stats = {"policy_loss": loss.detach(), **stats}
         if mb.ref_logp is not None and algo.kl_in == "loss":
             kl_term = masked_mean(self.token_kl(logp, mb.ref_logp), mb.mask)
             loss = loss + self.kl.coef * kl_term
-        entropy = entropy_from_logits(logits, mb.mask)
+        with torch.set_grad_enabled(bool(algo.entropy_coef) and torch.is_grad_enabled()):
+            entropy = entropy_from_logits(logits, mb.mask)
         stats["entropy"] = entropy.detach()
         if algo.entropy_coef:
             loss = loss - algo.entropy_coef * entropy
@@ -96,8 +99,8 @@ class PPO(Objective):
         return {"return_mean": float(masked_mean(exp.returns, exp.mask)),
                 "value_mean": float(masked_mean(exp.old_values, exp.mask))}
 
-    def loss(self, logits, values, mb):
-        loss, stats = super().loss(logits, values, mb)
+    def loss(self, logits, logp, values, mb):
+        loss, stats = super().loss(logits, logp, values, mb)
         v_loss = value_loss(values, mb.old_values, mb.returns, mb.mask, self.algo.value_clip or None)
         stats["value_loss"] = v_loss.detach()
         return loss + self.algo.vf_coef * v_loss, stats
@@ -137,7 +140,7 @@ class OnPolicyDistill(Objective):
     def prepare(self, exp, group_size, sum_over_workers=None):
         return {}
 
-    def loss(self, logits, values, mb):
+    def loss(self, logits, logp, values, mb):
         d = self.distill
         per_token = support_divergence(logits, mb.teacher_logprobs, mb.teacher_ids, mb.mask, d.loss, d.beta,
                                        d.temperature)
