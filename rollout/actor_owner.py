@@ -54,6 +54,7 @@ class OwnedActors:
                  max_retries: int, start_timeout_s: float = 600.0):
         self.role, self.error, self.timeout_s, self.max_retries = role, error, timeout_s, max_retries
         self.count, self.start_timeout_s = count, start_timeout_s
+        self._slots: list | None = None  # (handle, generation) per slot, as last seen here
         self.owner = ray.remote(ActorOwner).options(num_cpus=0, max_concurrency=16).remote(
             make, count, role, error, start_timeout_s, max_retries)
         try:
@@ -74,14 +75,25 @@ class OwnedActors:
         return [handle for handle, _ in self._wait(self.owner.current.remote(), 60)]
 
     def call(self, shards: list, issue: Callable, on_timeout: str = "raise") -> list:
-        """`issue(handle, shard)` on actor i for each non-empty shard i; results in shard order."""
-        slots = self._wait(self.owner.current.remote(), 60)
+        """`issue(handle, shard)` on actor i for each non-empty shard i; results in shard order.
+        The handles are asked of the owner once per process and kept: one that another
+        process saw die and had replaced fails at once here, and the owner hands out its
+        replacement without starting another."""
+        if self._slots is None:
+            self._slots = self._wait(self.owner.current.remote(), 60)
+        slots = self._slots
         # A replacement starts an actor and waits for it (and may try a few times).
         replace_wait = self.start_timeout_s * max(1, self.max_retries) + 60
-        return gather(lambda i: slots[i],
-                      lambda i, seen, why: self._wait(self.owner.replace.remote(i, seen, why), replace_wait),
-                      shards, issue, role=self.role, error=self.error, timeout_s=self.timeout_s,
-                      max_retries=self.max_retries, on_timeout=on_timeout)
+
+        def replace(i: int, seen: int, why: str) -> tuple:
+            slots[i] = self._wait(self.owner.replace.remote(i, seen, why), replace_wait)
+            return slots[i]
+
+        return gather(lambda i: slots[i], replace, shards, issue, role=self.role, error=self.error,
+                      timeout_s=self.timeout_s, max_retries=self.max_retries, on_timeout=on_timeout)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_slots": None}  # each process asks for the current handles
 
     def stop(self) -> None:
         try:

@@ -223,9 +223,10 @@ class RLLoop:
         confirmation is waited for now, or with pipelined rollouts at the next sync (or
         before an evaluation or a checkpoint): the engines load it while the trainer trains
         on samples generated before it, and a sync that did not arrive still fails before
-        any sample of its weights is trained on. Returns the time the trainer spent on it."""
+        any sample of its weights is trained on (the pool's owner waits for the last sync's
+        confirmation before it sends the next). Returns the time the trainer spent on it."""
         started, sent_mb = time.perf_counter(), 0.0
-        self.confirm_sync()
+        self.unconfirmed = None  # sending confirms it
         if self.job.adapter_sync:
             adapter = engine_adapter(self.strategy, self.worker.is_main)
             if self.worker.is_main:
