@@ -48,7 +48,7 @@ def check_resume(config, run_dir: Path, echo) -> None:
                         "or set train.resume=auto to continue it")
     saved = Path(run_dir) / "config.yaml"
     if saved.is_file():
-        changed = changed_keys(read_config_file(saved), to_dict(config))
+        changed = changed_keys(with_current_defaults(read_config_file(saved)), to_dict(config))
         if changed and not config.train.resume_changed:
             listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
             raise UserError(f"{saved}: resuming {run_dir.name} with a changed config would continue another run "
@@ -57,6 +57,18 @@ def check_resume(config, run_dir: Path, echo) -> None:
         if changed:
             echo(f"resuming with changed settings (train.resume_changed): {', '.join(k for k, _, _ in changed)}")
     echo(f"resuming from {checkpoint.name} in {run_dir}")
+
+
+def with_current_defaults(saved: dict) -> dict:
+    """A saved run config with the keys added since it was written at their defaults (a run
+    made before a setting existed ran as its default says); as saved when it no longer
+    parses (a key removed since), so every difference is still named."""
+    from cluster.config import JobConfig, from_dict, to_dict
+
+    try:
+        return to_dict(from_dict(JobConfig, saved))
+    except UserError:
+        return saved
 
 
 def changed_keys(old: dict, new: dict) -> list[tuple[str, object, object]]:

@@ -77,13 +77,28 @@ def length_penalty(prompt: str, response: str, reference: Optional[str], metadat
     return -coef * over if over else 0.0
 
 
+def overlong_penalty(prompt: str, response: str, reference: Optional[str], metadata: dict,
+                     max_tokens: int = 256, buffer: int = 64) -> float:
+    """DAPO's soft overlong punishment on the response's token count L (from
+    `metadata["response_ids"]`): 0 up to max_tokens - buffer, then falling linearly to -1
+    at max_tokens, -1 beyond. Set max_tokens to algo.max_new_tokens."""
+    if "response_ids" not in metadata:
+        raise ValueError("overlong_penalty counts tokens: it needs metadata['response_ids'] (build items with "
+                         "RewardItem.from_generation)")
+    length, start = len(metadata["response_ids"]), max_tokens - buffer
+    if length <= start:
+        return 0.0
+    return -1.0 if length >= max_tokens else (start - length) / buffer
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(pattern: str) -> re.Pattern:
     return re.compile(pattern, re.DOTALL)
 
 
 # Config name -> function (`format` is `format_check` here, not to shadow Python's format).
-BUILTINS: dict[str, RuleFn] = {"exact_match": exact_match, "format": format_check, "length_penalty": length_penalty}
+BUILTINS: dict[str, RuleFn] = {"exact_match": exact_match, "format": format_check, "length_penalty": length_penalty,
+                               "overlong_penalty": overlong_penalty}
 
 
 def check_builtin_params(name: str, params: dict) -> None:
@@ -93,6 +108,11 @@ def check_builtin_params(name: str, params: dict) -> None:
             _compiled(str(params["pattern"]))
         except re.error as exc:
             raise ValueError(f"pattern {params['pattern']!r} is not a valid regular expression: {exc}") from None
+    if name == "overlong_penalty":
+        max_tokens, buffer = params.get("max_tokens", 256), params.get("buffer", 64)
+        if not (isinstance(max_tokens, int) and isinstance(buffer, int) and 0 < buffer <= max_tokens):
+            raise ValueError(f"max_tokens and buffer must be integers with 0 < buffer <= max_tokens, got "
+                             f"{max_tokens!r} and {buffer!r}")
     if name == "length_penalty":
         if params.get("unit", "chars") not in ("chars", "words", "tokens"):
             raise ValueError(f"unit must be chars, words or tokens, got {params['unit']!r}")

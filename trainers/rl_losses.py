@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 
 KL_KINDS = ("k1", "k2", "k3")
-AGGREGATIONS = ("token", "sequence")
+AGGREGATIONS = ("token", "sequence", "fixed")
+POLICY_LOSSES = ("clip", "cispo")
+RATIO_LEVELS = ("token", "sequence")
+MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: over any clip, and far from float32 overflow
 
 SumOverWorkers = Callable[[list[float]], list[float]]
 
@@ -55,13 +58,21 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, keep_mean: bool = Fa
     return whitened * weights
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, horizon: int | None = None) -> torch.Tensor:
     """'token': mean over every masked token of the batch (long answers weigh more);
-    'sequence': masked mean per sequence, then mean over sequences."""
+    'sequence': masked mean per sequence, then mean over sequences; 'fixed': the masked
+    sum over (sequences x `horizon`), the longest response allowed (Dr. GRPO): a token
+    weighs the same whatever its response's length. Masked-out entries are selected
+    away, not multiplied by 0, so a non-finite value there never reaches the loss."""
+    per_token = torch.where(mask.bool(), per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
     if aggregation == "token":
         return masked_mean(per_token, mask)
     if aggregation == "sequence":
         return masked_mean(per_token, mask, dim=-1).mean()
+    if aggregation == "fixed":
+        if not horizon:
+            raise ValueError("aggregation 'fixed' needs the horizon (the longest response allowed)")
+        return per_token.sum() / (per_token.shape[0] * horizon)
     raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
 
 
@@ -188,28 +199,48 @@ def broadcast_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.T
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                     clip_eps: float, clip_eps_high: float | None = None, aggregation: str = "token",
-                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate loss; all inputs (B, T).
+                    weights: torch.Tensor | None = None, *, ratio_level: str = "token", loss: str = "clip",
+                    horizon: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy-gradient loss; all inputs (B, T).
 
-      ratio = exp(logp - old_logp)
-      loss_t = -min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps_high) * A)
+      ratio = exp(logp - old_logp)                     ratio_level 'token'
+      ratio = exp(mean over the response of that)      ratio_level 'sequence' (GSPO), every token of a response
+      clip:  loss_t = -min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps_high) * A)     (PPO, GRPO, DAPO)
+      cispo: loss_t = -sg(min(ratio, 1 + clip_eps_high)) * A * logp                          (CISPO)
 
-    clip_eps_high defaults to clip_eps (a larger one is DAPO's clip-higher). Aggregated by
-    `aggregation` ('token' or 'sequence'), each token's loss times its off-policy correction
-    `weights` where given (`trainers.rl.correction`). Stats (detached scalars): clip_fraction = share of
-    masked tokens where the clipped term was the smaller one; approx_kl = masked mean of the
-    k3 estimate of KL(old || new).
+    clip_eps_high defaults to clip_eps (a larger one is DAPO's clip-higher). CISPO clips
+    the importance weight, not the update: every token keeps its gradient. Aggregated by
+    `aggregation` ('token', 'sequence', or 'fixed' over `horizon`: see `aggregate`), each
+    token's loss times its off-policy correction `weights` where given
+    (`trainers.rl.correction`). Log-ratios are clamped to +-MAX_LOG_RATIO before `exp`.
+    Stats (detached scalars): clip_fraction = share of masked tokens whose ratio was
+    clipped (for cispo: whose weight was capped); approx_kl = masked mean of the k3
+    estimate of KL(old || new).
     """
+    if loss not in POLICY_LOSSES or ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"unknown policy loss {loss!r} at ratio level {ratio_level!r}; expected {POLICY_LOSSES} "
+                         f"at {RATIO_LEVELS}")
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + high) * advantages
-    per_token = -torch.minimum(unclipped, clipped)
-    loss = aggregate(per_token if weights is None else per_token * weights, mask, aggregation)
+    bool_mask = mask.bool()
+    log_ratio = torch.where(bool_mask, logp - old_logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    token_log_ratio = log_ratio.detach().clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    if ratio_level == "sequence":
+        log_ratio = (log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).expand_as(logp)
+    ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+    if loss == "cispo":
+        capped = torch.clamp(ratio, max=1 + high)
+        per_token = -capped.detach() * advantages * logp
+        clipped_share = (ratio > 1 + high).to(logp.dtype)
+    else:
+        unclipped = ratio * advantages
+        clipped = torch.clamp(ratio, 1 - clip_eps, 1 + high) * advantages
+        per_token = -torch.minimum(unclipped, clipped)
+        clipped_share = (clipped < unclipped).to(logp.dtype)
+    result = aggregate(per_token if weights is None else per_token * weights, mask, aggregation, horizon)
     with torch.no_grad():
-        stats = {"clip_fraction": masked_mean((clipped < unclipped).to(logp.dtype), mask),
-                 "approx_kl": masked_mean(kl_estimate(old_logp, logp, "k3"), mask)}
-    return loss, stats
+        stats = {"clip_fraction": masked_mean(clipped_share, mask),
+                 "approx_kl": masked_mean(kl_estimate(torch.zeros_like(token_log_ratio), token_log_ratio, "k3"), mask)}
+    return result, stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

@@ -215,6 +215,25 @@ def test_group_rl_raises_held_out_exact_match_reward(sft_mixed, group_rl, estima
             assert f"<h2>{panel}</h2>" in html
 
 
+# The GRPO family's objectives (docs/rl.md maps them to TRL's and verl's names). Two
+# mini-batches per step, so the second one's ratio has moved off 1 and the sequence-level
+# ratio (GSPO) and the capped stop-gradient weight (CISPO) act, not only their gradient at 1.
+OBJECTIVES = {"dr_grpo": ["algo.scale_rewards=false", "algo.aggregation=fixed"],
+              "gspo": ["algo.ratio_level=sequence", "algo.mini_batches=2"],
+              "cispo": ["algo.policy_loss=cispo", "algo.mini_batches=2"]}
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_grpo_family_objectives_raise_held_out_exact_match_reward(group_rl, objective):
+    steps = 30
+    config, _ = group_rl("grpo", steps, OBJECTIVES[objective])
+    evals = _evals(config.run_dir)
+    assert evals[0] == 0.0 and evals[-1] >= 0.1, evals
+    rows = _steps(config.run_dir)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert rows[-1]["response_length"] < rows[0]["response_length"]  # "The answer is" is dropped
+
+
 def test_pipelined_grpo_with_correction_learns_as_much_as_the_synchronous_run(group_rl):
     """Same prompts, same seed, same number of steps: sampling one step ahead with truncated
     importance weights ends within noise of the synchronous run's held-out reward (64

@@ -227,6 +227,25 @@ def test_resume_with_a_changed_plan_is_refused_naming_every_key(tmp_path):
     assert "train.max_steps" in said[0] and said[1].startswith("resuming from step_00000010")
 
 
+def test_resume_of_a_run_saved_before_a_setting_existed_reads_it_as_its_default(tmp_path):
+    import yaml
+
+    from cluster.resume import check_resume
+
+    cfg = _run_with_checkpoint(tmp_path, "train.max_steps=10")
+    saved = cfg.run_dir / "config.yaml"
+    data = yaml.safe_load(saved.read_text())
+    del data["train"]["lr"]  # as if written before train.lr existed
+    saved.write_text(yaml.safe_dump(data))
+    said = []
+    check_resume(load_config(None, BASE + [f"output_dir={tmp_path}", "train.max_steps=10"], default_name="run"),
+                 cfg.run_dir, said.append)
+    assert said == [f"resuming from step_00000010 in {cfg.run_dir}"]
+    with pytest.raises(UserError, match=r"train.lr: 0.0002 -> 0.001"):  # a real change is still named
+        check_resume(load_config(None, BASE + [f"output_dir={tmp_path}", "train.max_steps=10", "train.lr=1e-3"],
+                                 default_name="run"), cfg.run_dir, lambda *_: None)
+
+
 def test_resume_ignores_incomplete_checkpoints_and_never_refuses(tmp_path):
     from cluster.resume import check_resume, latest_complete_checkpoint
 

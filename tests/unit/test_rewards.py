@@ -177,7 +177,7 @@ def test_sample_index_counts_from_start():
     ("{file}:no_metadata", r"reward '.*:no_metadata': cannot be called as fn\(prompt, response, reference, metadata"),
     ("nowhere/rules.py:score", r"reward 'nowhere/rules.py:score': file nowhere/rules.py not found"),
     ("exactmatch",
-     r"reward 'exactmatch': expected 'module:function'.*built-in \(exact_match, format, length_penalty\)"),
+     r"reward 'exactmatch': expected 'module:function'.*built-in \(exact_match, format, length_penalty, overlong_penalty\)"),
     ("rayft:exactmatch", r"reward 'rayft:exactmatch': no built-in 'exactmatch'"),
 ])
 def test_a_bad_reference_names_the_reference(rules_file, ref, message):
@@ -330,3 +330,17 @@ def test_model_reference_errors(tiny_model_dir, tiny_tokenizer, tmp_path):
         ModelReward(f"model:{tmp_path / 'cls'}", {"temperature": 1.0})
     with pytest.raises(RewardError, match=r"params.batch_size = '8' is not valid"):
         ModelReward(f"model:{tmp_path / 'cls'}", {"batch_size": "8"})
+
+
+def test_overlong_penalty_is_dapos_soft_punishment():
+    from rollout.reward_rules import check_builtin_params, overlong_penalty
+
+    def score(n):
+        return overlong_penalty("q", "x", None, {"response_ids": [7] * n}, max_tokens=32, buffer=8)
+
+    # Up to 32 - 8 = 24 tokens nothing; then (24 - L) / 8 down to -1 at 32.
+    assert [score(n) for n in (10, 24, 26, 31, 32, 40)] == pytest.approx([0.0, 0.0, -0.25, -0.875, -1.0, -1.0])
+    with pytest.raises(ValueError, match="response_ids"):
+        overlong_penalty("q", "x", None, {})
+    with pytest.raises(ValueError, match="buffer"):
+        check_builtin_params("overlong_penalty", {"max_tokens": 8, "buffer": 16})

@@ -108,3 +108,18 @@ def test_ppo_advantages_come_from_gae_on_the_values():
     PPO(algo, AdaptiveKL(0, 0, 1), 1.0).prepare(exp, 1)
     assert exp.returns.tolist() == [[1.0, 1.0]]
     assert exp.advantages.tolist() == [[0.75, 0.5]]
+
+
+def test_truncated_responses_carry_no_loss_with_mask_truncated():
+    from types import SimpleNamespace
+
+    from trainers.rl.collect import Collector, Services
+
+    gens = [_gen([5, 6], [7, 8]), Generation(0, 1, [5, 6], [9, 10, 11], "", [-0.5] * 3, "length")]
+    for mask_truncated, expected in ((False, [[1, 1, 0], [1, 1, 1]]), (True, [[1, 1, 0], [0, 0, 0]])):
+        algo = AlgoConfig(samples_per_prompt=2, mask_truncated=mask_truncated)
+        job = SimpleNamespace(algo=algo, rollout=SimpleNamespace(seed=0))
+        collector = Collector(job, SimpleNamespace(pad_token_id=0), Services(pool=None), SimpleNamespace(rank=0))
+        exp, _, metrics = collector.collect([SimpleNamespace(prompt_messages=[])], 0, pending=lambda: [gens])
+        assert exp.mask.tolist() == expected
+        assert metrics["truncated"] == 0.5  # still reported, whichever the setting

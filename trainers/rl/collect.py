@@ -63,6 +63,8 @@ class Collector:
         scores, terms = self.rewards(records, generations)
         timings["score_s"] = time.perf_counter() - t
         exp = build_experience(generations, scores, self.pad_id)
+        if self.algo.mask_truncated:  # DAPO's overlong filtering: cut off mid-answer, no loss
+            exp.mask[torch.tensor([g.finish_reason == "length" for g in generations])] = 0.0
         if self.services.teacher is not None:
             t = time.perf_counter()
             self.teach(exp, generations, self.job.distill.temperature)

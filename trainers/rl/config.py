@@ -25,9 +25,20 @@ class AlgoConfig:
     mini_batches: int = opt(1, "Optimizer steps per pass: the rollout batch is split into this many mini-batches.")
     clip_eps: float = opt(0.2, "PPO ratio clip: the update is clipped outside [1 - clip_eps, 1 + clip_eps_high].")
     clip_eps_high: float = opt(0.0, "Upper clip (clip-higher); 0 = clip_eps.")
-    aggregation: Literal["token", "sequence"] = opt(
-        "token", "Loss aggregation: token = mean over every response token of the mini-batch; sequence = mean "
-                 "per response, then over responses (each response weighs the same).")
+    aggregation: Literal["token", "sequence", "fixed"] = opt(
+        "token", "Loss aggregation: token = mean over every response token of the mini-batch (DAPO); sequence = "
+                 "mean per response, then over responses (each response weighs the same; GRPO's paper); fixed = "
+                 "sum over responses x max_new_tokens (Dr. GRPO: no length bias either way).")
+    scale_rewards: bool = opt(
+        True, "estimator grpo: divide the group-centred rewards by the group's std; false is Dr. GRPO's "
+              "(no up-weighting of prompts whose rewards barely differ).")
+    ratio_level: Literal["token", "sequence"] = opt(
+        "token", "Importance ratio of the policy loss: token = each token's own; sequence = exp of the mean "
+                 "log-ratio over the response, for all its tokens (GSPO).")
+    policy_loss: Literal["clip", "cispo"] = opt(
+        "clip", "clip = PPO's clipped surrogate (GRPO, DAPO, GSPO); cispo = the policy gradient weighted by the "
+                "importance ratio capped at 1 + clip_eps_high, with no gradient through the weight (CISPO): "
+                "clipped tokens keep their gradient.")
     kl_coef: float = opt(0.0, "Weight of the KL to the reference model (model.reference); 0 = no reference "
                               "model at all.")
     kl_estimator: Literal["k1", "k2", "k3"] = opt(
@@ -50,6 +61,9 @@ class AlgoConfig:
         "token", "token: each token's own ratio; sequence: the product over the response, for all its tokens.")
     correction_cap: float = opt(2.0, "Truncation (tis) or masking (mis) threshold of the correction weights, >= 1.")
     entropy_coef: float = opt(0.0, "Weight of the entropy bonus (higher keeps sampling diverse).")
+    mask_truncated: bool = opt(
+        False, "Give no loss to responses cut off at max_new_tokens (DAPO's overlong filtering); they still "
+               "count in their group's baseline. The soft alternative is the overlong_penalty reward.")
     share_prompts: bool = opt(
         True, "Train on a prompt's samples as one sequence, the prompt computed once and every response "
               "attending to it (a 4D mask; sdpa or eager attention), when that means fewer tokens: the same "

@@ -72,7 +72,8 @@ class Objective:
         tokens' log-probs at the sampling temperature (B, R), values (B, R) or None."""
         algo = self.algo
         loss, stats = ppo_policy_loss(logp, mb.old_logp, mb.advantages, mb.mask, algo.clip_eps,
-                                      algo.clip_eps_high or None, algo.aggregation, mb.correction)
+                                      algo.clip_eps_high or None, algo.aggregation, mb.correction,
+                                      ratio_level=algo.ratio_level, loss=algo.policy_loss, horizon=algo.max_new_tokens)
         stats = {"policy_loss": loss.detach(), **stats}
         if mb.ref_logp is not None and algo.kl_in == "loss":
             kl_term = masked_mean(self.token_kl(logp, mb.ref_logp), mb.mask)
@@ -118,7 +119,7 @@ class GroupRL(Objective):
             return {}
         scores = exp.scores - coef * (kl * exp.mask).sum(-1)
         if algo.estimator == "grpo":
-            advantages = grpo_advantages(scores, group_size)
+            advantages = grpo_advantages(scores, group_size, scale=algo.scale_rewards)
         else:
             advantages = rloo_advantages(scores, group_size)
         exp.advantages = broadcast_to_tokens(advantages, exp.mask)
@@ -145,7 +146,7 @@ class OnPolicyDistill(Objective):
         per_token = support_divergence(logits, mb.teacher_logprobs, mb.teacher_ids, mb.mask, d.loss, d.beta,
                                        d.temperature)
         weighted = per_token if mb.correction is None else per_token * mb.correction
-        loss = aggregate(weighted, mb.mask, self.algo.aggregation)
+        loss = aggregate(weighted, mb.mask, self.algo.aggregation, self.algo.max_new_tokens)
         with torch.no_grad():
             stats = {"divergence": masked_mean(per_token, mb.mask), "entropy": entropy_from_logits(logits, mb.mask)}
         return loss, stats
