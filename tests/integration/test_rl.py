@@ -225,10 +225,10 @@ OBJECTIVES = {"dr_grpo": ["algo.scale_rewards=false", "algo.aggregation=fixed"],
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
 def test_grpo_family_objectives_raise_held_out_exact_match_reward(group_rl, objective):
-    steps = 30
+    steps = 20
     config, _ = group_rl("grpo", steps, OBJECTIVES[objective])
     evals = _evals(config.run_dir)
-    assert evals[0] == 0.0 and evals[-1] >= 0.1, evals
+    assert evals[0] == 0.0 and evals[-1] >= 0.15, evals
     rows = _steps(config.run_dir)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert rows[-1]["response_length"] < rows[0]["response_length"]  # "The answer is" is dropped
