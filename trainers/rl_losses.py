@@ -58,13 +58,18 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, keep_mean: bool = Fa
     return whitened * weights
 
 
+def zero_outside(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`values` where `mask` is set, 0 elsewhere, selected (not multiplied: 0 * NaN is NaN)."""
+    return torch.where(mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str, horizon: int | None = None) -> torch.Tensor:
     """'token': mean over every masked token of the batch (long answers weigh more);
     'sequence': masked mean per sequence, then mean over sequences; 'fixed': the masked
     sum over (sequences x `horizon`), the longest response allowed (Dr. GRPO): a token
     weighs the same whatever its response's length. Masked-out entries are selected
     away, not multiplied by 0, so a non-finite value there never reaches the loss."""
-    per_token = torch.where(mask.bool(), per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+    per_token = zero_outside(per_token, mask)
     if aggregation == "token":
         return masked_mean(per_token, mask)
     if aggregation == "sequence":
@@ -221,8 +226,7 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         raise ValueError(f"unknown policy loss {loss!r} at ratio level {ratio_level!r}; expected {POLICY_LOSSES} "
                          f"at {RATIO_LEVELS}")
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    bool_mask = mask.bool()
-    log_ratio = torch.where(bool_mask, logp - old_logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    log_ratio = zero_outside(logp - old_logp, mask)
     token_log_ratio = log_ratio.detach().clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     if ratio_level == "sequence":
         log_ratio = (log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).expand_as(logp)

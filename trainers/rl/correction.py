@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from trainers.rl_losses import masked_mean
+from trainers.rl_losses import MAX_LOG_RATIO, masked_mean
 
 CORRECTIONS = ("none", "tis", "mis")
 LEVELS = ("token", "sequence")
@@ -39,7 +39,7 @@ def correction_weights(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, ma
         log_ratio = (trainer_logp.float() - engine_logp.float()) * mask
         if level == "sequence":
             log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(mask)
-        ratio = torch.exp(log_ratio.clamp(max=20.0))  # exp(20) ~ 5e8 is over any useful cap
+        ratio = torch.exp(log_ratio.clamp(max=MAX_LOG_RATIO))
         over = (ratio > cap).to(ratio.dtype)
         weights = torch.clamp(ratio, max=cap) if mode == "tis" else ratio * (1 - over)
         weights = weights * mask
