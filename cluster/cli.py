@@ -141,10 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "file.py:function or model:DIR; repeat to combine with weights")
     p.set_defaults(func=cmd_generate)
 
-    from cluster import jobs, tune
+    from cluster import jobs, reward_test, tune
     from cluster.serve import add_serve_parser
 
     add_serve_parser(sub)
+    reward_test.add_parser(sub)   # reward test
     jobs.add_parsers(sub)   # submit, jobs
     tune.add_parsers(sub)
     return parser

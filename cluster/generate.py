@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from cluster.evaluate.target import CAUSAL_LM, inspect_model
 from cluster.ray_env import cluster_has_gpus, ensure_ray
+from cluster.reward_test import reward_spec
 from rollout.config import RolloutConfig
 from rollout.engine import Sampling
 from trainers.data import load_records
@@ -76,25 +77,6 @@ def run_generate(checkpoint: str, prompts_file: str, out_file: str, *, engine: s
     echo(f"{stats['prompts']} prompts x {n} samples, {tokens} tokens in {seconds:.1f}s "
          f"({stats['tokens_per_s']} tokens/s on {engines} {pool.kind} engine(s)) -> {out}")
     return stats
-
-
-def reward_spec(specs: list[str]):
-    """`--reward FN[=WEIGHT]` flags -> a RewardSpec (FN: a built-in, module:function,
-    file.py:function or model:DIR)."""
-    from rollout.rewards import RewardSpec, RewardTerm
-
-    terms = []
-    for spec in specs:
-        fn, sep, weight = spec.rpartition("=")
-        if not sep:
-            fn, weight = spec, ""
-        try:
-            terms.append(RewardTerm(fn=fn, weight=float(weight) if weight else 1.0))
-        except ValueError:
-            raise UserError(f"--reward {spec}: the weight after '=' must be a number") from None
-    spec = RewardSpec(rewards=terms).with_absolute_paths()
-    spec.validate("--reward")
-    return spec
 
 
 def _best_of(actors, record, group) -> dict:

@@ -5,6 +5,11 @@ Every rule function has the signature
 
     fn(prompt: str, response: str, reference: str | None, metadata: dict, **params) -> float
 
+or returns `(value, reason)`, the reason a string saying why the sample got its value
+(shown by `rayft reward test` and kept in `RewardResult.reasons`). A function with an
+integer attribute `workers` is called for that many samples at once, from threads (for
+rules that wait on a subprocess or a server).
+
 `prompt` is the text of the last user turn, `metadata["messages"]` the full prompt
 messages, and `params` the reward's `params` from the config, as keyword arguments.
 References: a built-in by short name (`exact_match`) or as `rayft:exact_match`, an
@@ -22,6 +27,8 @@ import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional
+
+from rollout import code_reward, judge_reward
 
 RuleFn = Callable[..., float]
 
@@ -96,28 +103,38 @@ def _compiled(pattern: str) -> re.Pattern:
     return re.compile(pattern, re.DOTALL)
 
 
-# Config name -> function (`format` is `format_check` here, not to shadow Python's format).
-BUILTINS: dict[str, RuleFn] = {"exact_match": exact_match, "format": format_check, "length_penalty": length_penalty,
-                               "overlong_penalty": overlong_penalty}
-
-
-def check_builtin_params(name: str, params: dict) -> None:
-    """Values a built-in would only reject at its first call, rejected at load instead."""
-    if name == "format" and params.get("pattern") is not None:
+def _check_format(params: dict) -> None:
+    if params.get("pattern") is not None:
         try:
             _compiled(str(params["pattern"]))
         except re.error as exc:
             raise ValueError(f"pattern {params['pattern']!r} is not a valid regular expression: {exc}") from None
-    if name == "overlong_penalty":
-        max_tokens, buffer = params.get("max_tokens", 256), params.get("buffer", 64)
-        if not (isinstance(max_tokens, int) and isinstance(buffer, int) and 0 < buffer <= max_tokens):
-            raise ValueError(f"max_tokens and buffer must be integers with 0 < buffer <= max_tokens, got "
-                             f"{max_tokens!r} and {buffer!r}")
-    if name == "length_penalty":
-        if params.get("unit", "chars") not in ("chars", "words", "tokens"):
-            raise ValueError(f"unit must be chars, words or tokens, got {params['unit']!r}")
-        if not isinstance(params.get("target", 0), int) or params.get("target", 0) < 0:
-            raise ValueError(f"target must be an integer >= 0, got {params['target']!r}")
+
+
+def _check_length_penalty(params: dict) -> None:
+    if params.get("unit", "chars") not in ("chars", "words", "tokens"):
+        raise ValueError(f"unit must be chars, words or tokens, got {params['unit']!r}")
+    if not isinstance(params.get("target", 0), int) or params.get("target", 0) < 0:
+        raise ValueError(f"target must be an integer >= 0, got {params['target']!r}")
+
+
+def _check_overlong_penalty(params: dict) -> None:
+    max_tokens, buffer = params.get("max_tokens", 256), params.get("buffer", 64)
+    if not (isinstance(max_tokens, int) and isinstance(buffer, int) and 0 < buffer <= max_tokens):
+        raise ValueError(f"max_tokens and buffer must be integers with 0 < buffer <= max_tokens, got "
+                         f"{max_tokens!r} and {buffer!r}")
+
+
+# Config name -> (function, the check of its params that would otherwise fail only at the
+# first call). `format` is `format_check` here, not to shadow Python's format.
+BUILTINS: dict[str, tuple[RuleFn, Optional[Callable[[dict], None]]]] = {
+    "exact_match": (exact_match, None),
+    "format": (format_check, _check_format),
+    "length_penalty": (length_penalty, _check_length_penalty),
+    "overlong_penalty": (overlong_penalty, _check_overlong_penalty),
+    "code_tests": (code_reward.code_tests, code_reward.check_params),
+    "llm_judge": (judge_reward.llm_judge, judge_reward.check_params),
+}
 
 
 def builtin_name(ref: str) -> Optional[str]:
@@ -130,9 +147,10 @@ def resolve_rule(ref: str, params: dict) -> RuleFn:
     """The function `ref` names, checked to accept the rule arguments and `params`."""
     name = builtin_name(ref)
     if name is not None:
-        fn = BUILTINS[name]
+        fn, check = BUILTINS[name]
         try:
-            check_builtin_params(name, params)
+            if check is not None:
+                check(params)
         except ValueError as exc:
             raise RewardError(f"reward '{ref}': {exc}", reward=ref) from None
     else:

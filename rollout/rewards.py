@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -32,6 +33,7 @@ __all__ = ["RewardError", "RewardItem", "RewardResult", "RewardTerm", "RewardSpe
            "RuleReward", "ModelReward", "load_reward_model"]
 
 MODEL_PREFIX = "model:"
+Scored = tuple[float, Optional[str]]   # one sample's value from one reward, and its reason if it gave one
 
 
 @dataclass
@@ -68,19 +70,27 @@ class RewardItem:
 class RewardResult:
     reward: float               # the combined reward: sum of weight * value over the spec's rewards
     terms: dict[str, float]     # each reward's own value (before weighting), by name, for logging
+    reasons: dict[str, str] = field(default_factory=dict)  # why, for the rewards that say (code_tests...)
+
+    def explain(self) -> str:
+        """One line: every reward's value, with its reason where it gave one."""
+        return "; ".join(f"{name} {value:g}" + (f" ({self.reasons[name]})" if name in self.reasons else "")
+                         for name, value in self.terms.items())
 
 
 @dataclass
 class RewardTerm:
     fn: str = field(default="", metadata={"help": (
-        "What computes this reward: a built-in (exact_match, format, length_penalty; also written "
+        "What computes this reward: a built-in (exact_match, format, length_penalty, overlong_penalty, "
+        "code_tests; also written "
         "rayft:NAME), 'module:function', 'path/to/file.py:function', or 'model:DIR' for a reward model "
         "(an rm run directory, its final/, or any sequence-classification model with one output).")})
     weight: float = field(default=1.0, metadata={"help": (
         "Multiplier in the combined reward (the sum of weight * value); 0 logs the value without counting it.")})
     params: Any = field(default_factory=dict, metadata={"help": (
         "A mapping. Rule functions get it as keyword arguments (format: pattern; length_penalty: target, "
-        "coef, unit). Reward models: batch_size (16), max_length (the model's context), truncation_side "
+        "coef, unit; overlong_penalty: max_tokens, buffer; code_tests: timeout_s, memory_mb, partial). "
+        "Reward models: batch_size (16), max_length (the model's context), truncation_side "
         "(left keeps the response's end, where the reward is read), dtype (auto), chat_template.")})
     name: str = field(default="", metadata={"help": (
         "Name of this reward's value in results and logs; default: the function's name, or 'reward_model'.")})
@@ -177,23 +187,32 @@ def _number(value, ref: str, index: int, item: RewardItem) -> float:
 
 
 class RuleReward:
-    """A Python rule function, called once per sample."""
+    """A Python rule function, called once per sample (`fn.workers` samples at once, from
+    threads, for a function that says it may be)."""
 
     def __init__(self, ref: str, params: dict):
         self.ref, self.params = ref, dict(params)
         self.fn = resolve_rule(ref, self.params)
+        self.workers = getattr(self.fn, "workers", 1)
 
-    def __call__(self, items: Sequence[RewardItem], start: int = 0) -> list[float]:
-        values = []
-        for i, item in enumerate(items):
-            metadata = {**item.metadata, "messages": [dict(m) for m in item.prompt]}  # a copy per call
-            try:
-                value = self.fn(item.prompt_text, item.response, item.reference, metadata, **self.params)
-            except Exception as exc:  # noqa: BLE001 (user code: report which reward and sample)
-                raise RewardError(f"reward '{self.ref}' raised on {_where(start + i, item)}: "
-                                  f"{type(exc).__name__}: {exc}", reward=self.ref, index=start + i) from exc
-            values.append(_number(value, self.ref, start + i, item))
-        return values
+    def __call__(self, items: Sequence[RewardItem], start: int = 0) -> list[Scored]:
+        indexed = list(enumerate(items, start))
+        if self.workers > 1 and len(items) > 1:
+            with ThreadPoolExecutor(min(self.workers, len(items))) as threads:
+                return list(threads.map(lambda pair: self._one(*pair), indexed))
+        return [self._one(index, item) for index, item in indexed]
+
+    def _one(self, index: int, item: RewardItem) -> Scored:
+        metadata = {**item.metadata, "messages": [dict(m) for m in item.prompt]}  # a copy per call
+        try:
+            value = self.fn(item.prompt_text, item.response, item.reference, metadata, **self.params)
+        except Exception as exc:  # noqa: BLE001 (user code: report which reward and sample)
+            raise RewardError(f"reward '{self.ref}' raised on {_where(index, item)}: "
+                              f"{type(exc).__name__}: {exc}", reward=self.ref, index=index) from exc
+        reason = None
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str):
+            value, reason = value
+        return _number(value, self.ref, index, item), reason
 
 
 def _resolve_model_dir(ref: str, path: Path) -> Path:
@@ -311,7 +330,7 @@ class ModelReward:
             ids = ids[-self.max_length:] if self.side == "left" else ids[: self.max_length]
         return ids
 
-    def __call__(self, items: Sequence[RewardItem], start: int = 0) -> list[float]:
+    def __call__(self, items: Sequence[RewardItem], start: int = 0) -> list[Scored]:
         import torch
 
         values = []
@@ -331,7 +350,7 @@ class ModelReward:
                 raise RewardError(f"reward '{self.ref}' failed on samples {start + at}..{start + at + len(chunk) - 1}: "
                                   f"{type(exc).__name__}: {exc}", reward=self.ref, index=start + at) from exc
             for k, value in enumerate(logits[:, 0].float().tolist()):
-                values.append(_number(value, self.ref, start + at + k, chunk[k]))
+                values.append((_number(value, self.ref, start + at + k, chunk[k]), None))
         return values
 
 
@@ -369,8 +388,9 @@ class Rewards:
         """One RewardResult per item, in order. `start` is the index of the batch's first
         item in a larger batch, so errors name the sample as the caller numbers it."""
         items = [_as_item(x, start + i) for i, x in enumerate(batch)]
-        values = {name: scorer(items, start) for name, _, scorer in self.terms}
-        return [RewardResult(reward=sum(weight * values[name][i] for name, weight, _ in self.terms),
-                             terms={name: values[name][i] for name in values})
+        scored = {name: scorer(items, start) for name, _, scorer in self.terms}
+        return [RewardResult(reward=sum(weight * scored[name][i][0] for name, weight, _ in self.terms),
+                             terms={name: scored[name][i][0] for name in scored},
+                             reasons={name: scored[name][i][1] for name in scored if scored[name][i][1] is not None})
                 for i in range(len(items))]
 

@@ -17,7 +17,7 @@ def workspace(tmp_path_factory):
 
 def test_help_on_every_command():
     for args in (["--help"], ["train", "--help"], ["data", "check", "--help"], ["data", "synth", "--help"],
-                 ["init-model", "--help"]):
+                 ["init-model", "--help"], ["reward", "test", "--help"]):
         proc = rayft(*args)
         assert "usage:" in proc.stdout and len(proc.stdout) > 200
 

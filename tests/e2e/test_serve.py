@@ -182,6 +182,25 @@ def test_overload_is_refused_with_503_and_retry_after_not_queued(server):
     assert post(server, "/v1/completions", {"model": "base", "prompt": "x", "max_tokens": 2}).status_code == 200
 
 
+def test_an_llm_judge_reward_grades_through_the_served_model(server, client, monkeypatch):
+    """The llm_judge reward's request is one the served endpoint accepts with the key, and
+    its value is parsed from exactly the reply a client gets for the same request."""
+    from rollout.judge_reward import llm_judge, parse_grade
+
+    judge = {"url": server["url"] + "/v1", "model": "base", "template": "{response}", "max_tokens": 8,
+             "max_score": 1e9}
+    monkeypatch.setenv("RAYFT_JUDGE_API_KEY", KEY)
+    value, reason = llm_judge("q", "Score: 3 4 5", None, {}, **judge)
+    reply = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Score: 3 4 5"}],
+                                           temperature=0, max_tokens=8).choices[0].message.content
+    grade = parse_grade(reply)
+    assert value == (min(max(grade / 1e9, 0.0), 1.0) if grade is not None else 0.0)
+    assert repr(" ".join(reply.split()))[:150] in reason
+    monkeypatch.setenv("RAYFT_JUDGE_API_KEY", "wrong-key")
+    with pytest.raises(RuntimeError, match="refused the request: HTTP 401"):
+        llm_judge("q", "x", None, {}, **judge)
+
+
 def test_health_and_status_report_a_live_engine(server):
     health = httpx.get(server["url"] + "/health", headers={"Authorization": f"Bearer {KEY}"})
     assert health.status_code == 200 and health.json() == {"status": "ok", "engines": {"base": "alive"}}

@@ -177,7 +177,7 @@ def test_sample_index_counts_from_start():
     ("{file}:no_metadata", r"reward '.*:no_metadata': cannot be called as fn\(prompt, response, reference, metadata"),
     ("nowhere/rules.py:score", r"reward 'nowhere/rules.py:score': file nowhere/rules.py not found"),
     ("exactmatch",
-     r"reward 'exactmatch': expected 'module:function'.*built-in \(exact_match, format, length_penalty, overlong_penalty\)"),
+     r"reward 'exactmatch': expected 'module:function'.*built-in \(exact_match, format, length_penalty, overlong_penalty, code_tests, llm_judge\)"),
     ("rayft:exactmatch", r"reward 'rayft:exactmatch': no built-in 'exactmatch'"),
 ])
 def test_a_bad_reference_names_the_reference(rules_file, ref, message):
@@ -306,7 +306,8 @@ def test_model_reward_from_a_peft_seq_cls_adapter(tiny_model_dir, tiny_tokenizer
     assert (final / "adapter_config.json").is_file()
     expected = direct_rewards(model, tiny_tokenizer, ITEMS)
     got = ModelReward(f"model:{final}", {"batch_size": 3})(ITEMS)
-    assert got == pytest.approx(expected, abs=1e-5)
+    assert [value for value, _ in got] == pytest.approx(expected, abs=1e-5)
+    assert [reason for _, reason in got] == [None] * len(ITEMS)
 
 
 def test_truncation_keeps_the_end_by_default(rm_dir):
@@ -333,7 +334,7 @@ def test_model_reference_errors(tiny_model_dir, tiny_tokenizer, tmp_path):
 
 
 def test_overlong_penalty_is_dapos_soft_punishment():
-    from rollout.reward_rules import check_builtin_params, overlong_penalty
+    from rollout.reward_rules import overlong_penalty
 
     def score(n):
         return overlong_penalty("q", "x", None, {"response_ids": [7] * n}, max_tokens=32, buffer=8)
@@ -342,5 +343,5 @@ def test_overlong_penalty_is_dapos_soft_punishment():
     assert [score(n) for n in (10, 24, 26, 31, 32, 40)] == pytest.approx([0.0, 0.0, -0.25, -0.875, -1.0, -1.0])
     with pytest.raises(ValueError, match="response_ids"):
         overlong_penalty("q", "x", None, {})
-    with pytest.raises(ValueError, match="buffer"):
-        check_builtin_params("overlong_penalty", {"max_tokens": 8, "buffer": 16})
+    with pytest.raises(RewardError, match="reward 'overlong_penalty': max_tokens and buffer"):
+        Rewards(RewardSpec([RewardTerm("overlong_penalty", params={"max_tokens": 8, "buffer": 16})]))

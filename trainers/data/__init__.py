@@ -7,14 +7,17 @@ render (records to token ids and labels), packing (sequences and batches), mixin
 (split and weighted mix), build (a DataConfig to train/eval sets), check, synth.
 """
 
-from trainers.data.build import Datasets, build_datasets
-from trainers.data.check import check_file, format_check
-from trainers.data.load import LoadResult, load_records
-from trainers.data.packing import collate, pack
-from trainers.data.readers import read_rows
-from trainers.data.render import encode, encode_prompt, render_marked
-from trainers.data.synth import TASKS, exact_match, synth_rows, write_synth
+import importlib
 
-__all__ = ["build_datasets", "Datasets", "load_records", "LoadResult", "read_rows", "encode", "encode_prompt",
-           "render_marked", "pack", "collate", "check_file", "format_check", "write_synth", "synth_rows",
-           "TASKS", "exact_match"]
+# Name -> the module defining it, imported at first use: reading rows needs no torch.
+_EXPORTS = {"build_datasets": "build", "Datasets": "build", "check_file": "check", "format_check": "check",
+            "LoadResult": "load", "load_records": "load", "collate": "packing", "pack": "packing",
+            "read_rows": "readers", "encode": "render", "encode_prompt": "render", "render_marked": "render",
+            "TASKS": "synth", "exact_match": "synth", "synth_rows": "synth", "write_synth": "synth"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'trainers.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"trainers.data.{_EXPORTS[name]}"), name)
