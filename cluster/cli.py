@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = dsub.add_parser("synth", help="write a synthetic task a tiny model can learn",
                         description="Write a learnable synthetic chat task (with a reference answer per row).")
     p.add_argument("--task", required=True,
-                   help="task name: addition, small_addition, reverse, sentiment, addition_pref")
+                   help="task name: addition, small_addition, small_addition_mixed, reverse, sentiment, "
+                        "addition_pref; for environments calculator, calculator_sft, guess_number")
     p.add_argument("--n", type=int, required=True, help="number of rows")
     p.add_argument("--out", required=True, help="output .jsonl file")
     p.add_argument("--seed", type=int, default=0)

@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional
 from trainers.config import (DataConfig, DPOConfig, FreezeConfig, ModelConfig, PeftConfig, RewardConfig, TrainConfig,
                               opt)
 from rollout.config import RolloutConfig
+from rollout.refs import absolute as absolute_ref
 from rollout.rewards import RewardSpec
 from cluster.config_core import (apply_override, config_help, dump_yaml, field_help, from_dict,  # noqa: F401
                                  read_config_file, set_key, to_dict)
@@ -79,11 +80,17 @@ class JobConfig:
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
+    @property
+    def uses_reward_actors(self) -> bool:
+        """The method scores with the `rewards` section, which an environment's own rewards
+        make optional."""
+        return self.spec.rewards and bool(self.rewards.rewards or not self.rollout.environment)
+
     def validate(self, section: str = "") -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "rewards" and not self.spec.rewards:
-                continue  # no rewards needed, so none required
+            if f.name == "rewards" and not self.uses_reward_actors:
+                continue  # no rewards needed (or an environment gives them), so none required
             if dataclasses.is_dataclass(value) and hasattr(value, "validate"):
                 value.validate(f.name)
         for key, message in self.rollout.problems():
@@ -186,6 +193,7 @@ def with_absolute_paths(config: JobConfig) -> JobConfig:
         source.path = absolute(source.path)
     config.distill.teacher = trained_model(absolute(config.distill.teacher))
     config.rewards = config.rewards.with_absolute_paths()
+    config.rollout.environment = absolute_ref(config.rollout.environment)
     return config
 
 

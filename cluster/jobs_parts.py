@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping
 
 from cluster.config import to_dict
+from rollout.refs import is_file_ref
 from trainers.errors import ConfigError, UserError
 
 # Where `rayft submit` stages the resolved config inside the uploaded working directory.
@@ -190,6 +191,8 @@ def config_paths(config) -> list[tuple[str, str]]:
             where = fn[len("model:"):] if fn.startswith("model:") else fn.rpartition(":")[0]
             if fn.startswith("model:") or where.endswith(".py") or "/" in where:
                 out.append((f"rewards.rewards[{i}].fn", where))
+    if is_file_ref(config.rollout.environment):
+        out.append(("rollout.environment", config.rollout.environment.rpartition(":")[0]))
     return [(key, path) for key, path in out if path]
 
 

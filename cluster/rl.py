@@ -13,7 +13,7 @@ from trainers.rl.collect import Services
 def actor_cpus(config) -> float:
     """CPUs the run's actors reserve besides the training workers."""
     cpus = config.rollout.num_engines * config.rollout.cpus_per_engine
-    if config.spec.rewards:
+    if config.uses_reward_actors:
         cpus += config.rewards.num_actors * config.rewards.cpus_per_actor
     if config.spec.teacher:
         cpus += config.distill.cpus_per_teacher
@@ -62,7 +62,7 @@ def rollout_services(config, use_gpu: bool, echo=print, pool=None):
             check_pool(pool, config)
             pool.reset()
         services = Services(pool)
-        if config.spec.rewards:
+        if config.uses_reward_actors:
             services.rewards = RewardService(config.rewards, max_retries=config.rollout.max_retries,
                                              start_timeout_s=config.rollout.timeout_s)
             started.append(services.rewards.stop)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 
 def opt(default, help: str):
@@ -48,6 +48,16 @@ class RolloutConfig:
            "trains, so a step trains on samples from a policy at most this many updates old (0: each step's "
            "samples come from the weights it updates, generate and train in turn).")
 
+    # multi-turn episodes (rollout.episodes)
+    environment: str = opt(
+        "", "Multi-turn episodes with tools or feedback: an environment class (rayft:calculator, rayft:guess_number, "
+            "module:Class or path/to/file.py:Class; see docs/environments.md). Empty: one response per prompt.")
+    env_params: Any = opt(None, "Keyword arguments for the environment class (a mapping).")
+    max_turns: int = opt(4, "Most assistant turns in an episode (each up to algo.max_new_tokens tokens).")
+    max_episode_tokens: int = opt(
+        0, "Most tokens after the prompt in an episode, the assistant's and the inserted messages' together "
+           "(0: no bound but max_turns and the model's context).")
+
     def problems(self) -> list[tuple[str, str]]:
         """(key, what is wrong) for each setting out of range; empty when all are valid."""
         out = [(key, f"must be >= {low}, got {getattr(self, key)}") for key, low in
@@ -56,6 +66,17 @@ class RolloutConfig:
                if getattr(self, key) < low]
         out += [(key, f"must be > 0, got {getattr(self, key)}") for key in ("cpus_per_engine", "timeout_s", "kv_cache_gb")
                 if getattr(self, key) <= 0]
+        out += [(key, f"must be >= {low}, got {getattr(self, key)}") for key, low in
+                (("max_turns", 1), ("max_episode_tokens", 0)) if getattr(self, key) < low]
+        if self.env_params is not None and not isinstance(self.env_params, dict):
+            out.append(("env_params", f"must be a mapping, got {type(self.env_params).__name__}"))
+        elif self.environment:
+            from rollout.environment import EnvError, load_environment
+
+            try:
+                load_environment(self.environment, self.env_params or {})
+            except EnvError as exc:
+                out.append(("environment", str(exc)))
         if not 0 < self.gpu_memory_utilization <= 1:
             out.append(("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}"))
         return out

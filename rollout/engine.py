@@ -49,6 +49,12 @@ class Generation:
     logprobs: list[float]            # log-prob of each response token under the sampling model
     finish_reason: str               # "stop" (eos or a stop string/id) or "length"
     policy_version: int = 0          # the weight sync the engine served it at (0: the start model)
+    # Multi-turn episodes (rollout.episodes): which response tokens the policy sampled (1)
+    # and which the environment inserted (0); None: all sampled.
+    loss_mask: Optional[list[int]] = None
+    episode_reward: Optional[float] = None   # the sum of the environment's turn rewards
+    success: Optional[bool] = None           # whether the episode reached its goal, if the environment says
+    turns: int = 1                           # assistant turns
 
 
 class Engine(Protocol):

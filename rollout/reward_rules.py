@@ -19,16 +19,12 @@ importable module (`my_pkg.rewards:score`) or a file (`path/to/rewards.py:score`
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib
-import importlib.util
 import inspect
 import re
-import sys
-from pathlib import Path
 from typing import Callable, Optional
 
 from rollout import code_reward, judge_reward
+from rollout.refs import RefError, import_object
 
 RuleFn = Callable[..., float]
 
@@ -172,38 +168,10 @@ def _import_function(ref: str) -> RuleFn:
                           f"'model:DIR' or a built-in ({', '.join(BUILTINS)})", reward=ref)
     if where == "rayft":
         raise RewardError(f"reward '{ref}': no built-in '{attr}' (built-ins: {', '.join(BUILTINS)})", reward=ref)
-    module = _load_file(ref, Path(where)) if where.endswith(".py") or "/" in where else _load_module(ref, where)
-    fn = getattr(module, attr, None)
-    if fn is None:
-        raise RewardError(f"reward '{ref}': '{where}' has no function '{attr}'", reward=ref)
+    try:
+        fn = import_object(ref, "function")
+    except RefError as exc:
+        raise RewardError(f"reward '{ref}': {exc}", reward=ref) from None
     if not callable(fn):
         raise RewardError(f"reward '{ref}': '{where}:{attr}' is a {type(fn).__name__}, not a function", reward=ref)
     return fn
-
-
-def _load_module(ref: str, name: str):
-    try:
-        return importlib.import_module(name)
-    except Exception as exc:  # noqa: BLE001 (an import runs arbitrary user code)
-        raise RewardError(f"reward '{ref}': cannot import module '{name}': {type(exc).__name__}: {exc}",
-                          reward=ref) from None
-
-
-def _load_file(ref: str, path: Path):
-    if not path.is_file():
-        raise RewardError(f"reward '{ref}': file {path} not found", reward=ref)
-    resolved = path.resolve()
-    # One module per file, under a name no real package uses, so two files both called
-    # rewards.py do not collide and a reload of the same file reuses it.
-    name = f"_rayft_reward_{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:10]}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, resolved)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001
-        raise RewardError(f"reward '{ref}': cannot import file {path}: {type(exc).__name__}: {exc}",
-                          reward=ref) from None
-    sys.modules[name] = module
-    return module

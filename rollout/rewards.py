@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 
 from rollout.engine import Generation, Messages
 from rollout.inputs import load_tokenizer
+from rollout.refs import absolute as absolute_ref
 from rollout.reward_rules import RewardError, builtin_name, resolve_rule
 
 __all__ = ["RewardError", "RewardItem", "RewardResult", "RewardTerm", "RewardSpec", "Rewards",
@@ -154,9 +155,7 @@ class RewardSpec:
             if fn.startswith(MODEL_PREFIX):
                 fn = MODEL_PREFIX + str(Path(fn[len(MODEL_PREFIX):]).expanduser().resolve())
             else:
-                where, sep, attr = fn.rpartition(":")
-                if sep and (where.endswith(".py") or "/" in where):
-                    fn = f"{Path(where).expanduser().resolve()}:{attr}"
+                fn = absolute_ref(fn)
             terms.append(RewardTerm(fn, t.weight, dict(t.params) if isinstance(t.params, dict) else t.params, t.name))
         return RewardSpec(terms, self.num_actors, self.cpus_per_actor, self.gpus_per_actor, self.timeout_s)
 

@@ -5,6 +5,7 @@ engines receive, the adaptive KL coefficient, and each objective's advantages.""
 import pytest
 import torch
 
+from rollout.config import RolloutConfig
 from rollout.engine import Generation
 from trainers.rl.config import AlgoConfig
 from trainers.rl.experience import build_experience, at_response, token_logp
@@ -118,7 +119,7 @@ def test_truncated_responses_carry_no_loss_with_mask_truncated():
     gens = [_gen([5, 6], [7, 8]), Generation(0, 1, [5, 6], [9, 10, 11], "", [-0.5] * 3, "length")]
     for mask_truncated, expected in ((False, [[1, 1, 0], [1, 1, 1]]), (True, [[1, 1, 0], [0, 0, 0]])):
         algo = AlgoConfig(samples_per_prompt=2, mask_truncated=mask_truncated)
-        job = SimpleNamespace(algo=algo, rollout=SimpleNamespace(seed=0))
+        job = SimpleNamespace(algo=algo, rollout=RolloutConfig())
         collector = Collector(job, SimpleNamespace(pad_token_id=0), Services(pool=None), SimpleNamespace(rank=0))
         exp, _, metrics = collector.collect([SimpleNamespace(prompt_messages=[])], 0, pending=lambda: [gens])
         assert exp.mask.tolist() == expected

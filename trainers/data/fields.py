@@ -12,11 +12,13 @@ from typing import Any, Optional
 
 from trainers.data.records import Message
 
-# Speaker names seen in the wild, mapped to the three roles chat templates understand.
+# Speaker names seen in the wild, mapped to the roles chat templates understand.
 ROLE_ALIASES = {
     "system": "system",
     "user": "user", "human": "user",
     "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant",
+    "function_call": "assistant",
+    "tool": "tool", "observation": "tool", "function": "tool",   # a tool's result, answering a call
 }
 
 

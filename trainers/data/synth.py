@@ -66,10 +66,49 @@ def addition_preference(rng: random.Random) -> tuple[str, str, str]:
     return f"What is {a} + {b}?", str(a + b), str(wrong)
 
 
+def calculator(rng: random.Random) -> dict:
+    """A three-digit sum as a prompt row for the calculator environment: too hard for a
+    tiny model to add itself, easy with the tool."""
+    a, b = rng.randint(100, 999), rng.randint(100, 999)
+    return {"messages": [{"role": "user", "content": f"What is {a} + {b}?"}], "reference": str(a + b)}
+
+
+def calculator_sft(rng: random.Random, tool_share: float = 0.4) -> dict:
+    """A calculator-environment transcript to start RL from: `tool_share` of them call
+    the tool and copy its result, the rest answer at once (usually wrongly: a tiny model
+    cannot add three-digit numbers), so a policy starts mostly without the tool."""
+    from rollout.environments import CALCULATOR, calculator as evaluate
+    from rollout.tools import describe_tools
+
+    row = calculator(rng)
+    question, answer = row["messages"][0]["content"], row["reference"]
+    expression = question[len("What is "):-1]
+    messages = [{"role": "system", "content": describe_tools([CALCULATOR])}, {"role": "user", "content": question}]
+    if rng.random() < tool_share:
+        call = json.dumps({"name": "calculator", "arguments": {"expression": expression}})
+        messages += [{"role": "assistant", "content": f"<tool_call>{call}</tool_call>"},
+                     {"role": "tool", "content": evaluate(expression)}]
+    else:  # a guess near the answer, as a model that cannot add would give
+        answer = str(int(answer) + rng.choice([-100, -10, -1, 0, 1, 10, 100]))
+    return {"messages": messages + [{"role": "assistant", "content": answer}], "reference": row["reference"]}
+
+
+def guess_number(rng: random.Random) -> dict:
+    """A prompt row for the guess_number environment (the secret is the reference)."""
+    secret = rng.randint(1, 20)
+    return {"messages": [{"role": "user", "content": "I am thinking of a number between 1 and 20. "
+                                                     "Guess it: answer with one number."}], "reference": str(secret)}
+
+
+# Tasks that draw whole rows (prompts and transcripts for the environments).
+ROW_TASKS: dict[str, Callable[[random.Random], dict]] = {
+    "calculator": calculator, "calculator_sft": calculator_sft, "guess_number": guess_number}
+
 # name -> function drawing one (question, answer) pair from the generator
 TASKS: dict[str, Callable[[random.Random], tuple]] = {
     "addition": addition, "small_addition": small_addition,
-    "small_addition_mixed": small_addition_mixed, "reverse": reverse, "sentiment": sentiment, "addition_pref": addition_preference}
+    "small_addition_mixed": small_addition_mixed, "reverse": reverse, "sentiment": sentiment, "addition_pref": addition_preference,
+    **ROW_TASKS}
 # Tasks whose pairs are (text, label) classification rows rather than chat turns.
 CLASSIFICATION_TASKS = {"sentiment"}
 # Chat tasks whose shown answer differs from the reference: (question, answer, reference).
@@ -87,6 +126,9 @@ def synth_rows(task: str, n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
+        if task in ROW_TASKS:
+            rows.append(ROW_TASKS[task](rng))
+            continue
         if task in PREFERENCE_TASKS:
             prompt, chosen, rejected = TASKS[task](rng)
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})

@@ -34,6 +34,20 @@ class Collector:
     def __init__(self, job, tokenizer, services: Services, worker):
         self.job, self.algo, self.services, self.worker = job, job.algo, services, worker
         self.pad_id = tokenizer.pad_token_id
+        self.episodes, self.in_flight = None, {}
+        if job.rollout.environment:
+            from rollout.environment import load_environment
+            from rollout.episodes import EpisodeRunner
+
+            r = job.rollout
+            self.episodes = EpisodeRunner(services.pool, tokenizer, load_environment(r.environment, r.env_params or {}),
+                                          r.max_turns, r.max_episode_tokens, name=f"environment '{r.environment}'")
+
+    def generate(self, records: list, sampling: Sampling) -> list:
+        """n generations per record: one response each, or one episode each with an environment."""
+        if self.episodes is not None:
+            return self.episodes.run(records, sampling)
+        return self.services.pool.generate([r.prompt_messages for r in records], sampling)
 
     def sampling(self, step: int) -> Sampling:
         """Seeded per step and rank: a resumed run samples what an uninterrupted one would."""
@@ -42,10 +56,16 @@ class Collector:
                         max_new_tokens=self.algo.max_new_tokens, seed=seed)
 
     def submit(self, records: list, step: int) -> int:
-        """Send step `step`'s generation request to the pool (a ticket for `result`)."""
+        """Send step `step`'s generation request to the pool (a ticket for `result`); with an
+        environment, its episodes run in a background thread."""
+        if self.episodes is not None:
+            self.in_flight[step] = self.episodes.submit(records, self.sampling(step))
+            return step
         return self.services.pool.submit([r.prompt_messages for r in records], self.sampling(step))
 
     def result(self, ticket: int) -> list:
+        if self.episodes is not None:
+            return self.in_flight.pop(ticket).result()
         return self.services.pool.result(ticket)
 
     def collect(self, records: list, step: int, pending=None) -> tuple[Experience, dict, dict]:
@@ -54,7 +74,7 @@ class Collector:
         timings = {}
         t = time.perf_counter()
         if pending is None:
-            groups = self.services.pool.generate([r.prompt_messages for r in records], self.sampling(step))
+            groups = self.generate(records, self.sampling(step))
         else:
             groups = pending()
         generations = [g for group in groups for g in group]
@@ -69,29 +89,36 @@ class Collector:
             t = time.perf_counter()
             self.teach(exp, generations, self.job.distill.temperature)
             timings["teacher_s"] = time.perf_counter() - t
-        lengths = torch.tensor([len(g.response_ids) for g in generations], dtype=torch.float32)
+        lengths = torch.tensor([sampled_tokens(g) for g in generations], dtype=torch.float32)
         metrics = {"reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std(unbiased=False)),
                    "response_length": float(lengths.mean()),
                    "truncated": sum(g.finish_reason == "length" for g in generations) / len(generations),
                    "staleness_max": float(step - min(g.policy_version for g in generations)),
                    "sample_digest": float(digest([t for g in generations for t in g.response_ids])),
                    **{f"reward_{name}": sum(v) / len(v) for name, v in terms.items()}}
+        if self.episodes is not None:
+            metrics["turns"] = sum(g.turns for g in generations) / len(generations)
+            outcomes = [g.success for g in generations if g.success is not None]
+            if outcomes:
+                metrics["success"] = sum(outcomes) / len(outcomes)
         return exp, timings, metrics
 
     def rewards(self, records: list, generations: list) -> tuple[list[float], dict[str, list[float]]]:
-        """Each generation's combined reward and each reward term's values (zeros with no rewards)."""
+        """Each generation's combined reward (an episode's own reward plus the reward actors'
+        on its last message) and each reward term's values (zeros with no rewards)."""
+        own = [g.episode_reward or 0.0 for g in generations]
+        terms: dict[str, list[float]] = {"environment": own} if self.episodes is not None else {}
         if self.services.rewards is None:
-            return [0.0] * len(generations), {}
+            return own, terms
         from rollout.rewards import RewardItem
 
         items = [RewardItem.from_generation(records[g.prompt_index].prompt_messages, g,
                                             records[g.prompt_index].reference) for g in generations]
         results = self.services.rewards.score(items)
-        terms: dict[str, list[float]] = {}
         for result in results:
             for name, value in result.terms.items():
                 terms.setdefault(name, []).append(value)
-        return [r.reward for r in results], terms
+        return [mine + r.reward for mine, r in zip(own, results)], terms
 
     def teach(self, exp, generations: list, temperature: float) -> None:
         """The teacher's log-probs at `temperature` on each response position into `exp`
@@ -111,22 +138,30 @@ class Collector:
         """Sums over greedy responses to `records`: responses, length, reward (when the run
         has rewards) and, given a `divergence(experience) -> float`, the summed per-token
         divergence and token count."""
-        rewarded = self.services.rewards is not None
+        rewarded = self.services.rewards is not None or self.episodes is not None
+        episodic = {"success": 0.0, "turns": 0.0} if self.episodes is not None else {}
         if not records:
-            sums = {"responses": 0.0, "length": 0.0} | ({"reward": 0.0} if rewarded else {})
+            sums = {"responses": 0.0, "length": 0.0} | ({"reward": 0.0} if rewarded else {}) | episodic
             return sums | ({"divergence": 0.0, "tokens": 0.0} if divergence else {})
         greedy = Sampling(n=1, temperature=0.0, max_new_tokens=self.algo.max_new_tokens)
-        groups = self.services.pool.generate([r.prompt_messages for r in records], greedy)
-        generations = [g for group in groups for g in group]
+        generations = [g for group in self.generate(records, greedy) for g in group]
         scores, _ = self.rewards(records, generations)
-        sums = {"responses": float(len(generations)), "length": float(sum(len(g.response_ids) for g in generations))}
+        sums = {"responses": float(len(generations)), "length": float(sum(sampled_tokens(g) for g in generations))}
         if rewarded:
             sums["reward"] = float(sum(scores))
+        if episodic:  # success: the share of episodes the environment called a success
+            sums |= {"success": float(sum(bool(g.success) for g in generations)),
+                     "turns": float(sum(g.turns for g in generations))}
         if divergence is not None:
             exp = build_experience(generations, scores, self.pad_id)
             self.teach(exp, generations, 1.0)
             sums.update(divergence=divergence(exp), tokens=float(exp.mask.sum()))
         return sums
+
+
+def sampled_tokens(g) -> int:
+    """Tokens the policy sampled in a generation (an episode's inserted ones not counted)."""
+    return len(g.response_ids) if g.loss_mask is None else sum(g.loss_mask)
 
 
 def _padded(rows: list, width: int, dtype) -> torch.Tensor:

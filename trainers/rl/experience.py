@@ -20,7 +20,7 @@ class Experience:
     attention_mask: torch.Tensor     # (B, P + R)
     position_ids: torch.Tensor       # (B, P + R)
     response_ids: torch.Tensor       # (B, R)
-    mask: torch.Tensor               # (B, R) float: 1 on response tokens
+    mask: torch.Tensor               # (B, R) float: 1 on the response tokens the policy sampled
     engine_logp: torch.Tensor        # (B, R) the engine's log-probs of its own samples
     scores: torch.Tensor             # (B,) the reward of each response
     old_logp: Optional[torch.Tensor] = None      # (B, R) the trainer's, before the update
@@ -38,6 +38,11 @@ class Experience:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        """(B,) tokens of each response, sampled and inserted (the mask may have holes)."""
+        return self.attention_mask[:, self.prompt_width:].sum(1)
 
     def rows(self, index: torch.Tensor | slice) -> "Experience":
         """A mini-batch: the same fields, restricted to the given rows."""
@@ -65,8 +70,12 @@ def build_experience(generations: list, scores: list[float], pad_id: int) -> Exp
         engine_logp[i, :r] = torch.tensor(g.logprobs[:r], dtype=torch.float32)
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
     response = input_ids[:, width_p:]
-    return Experience(input_ids, attention, position_ids, response, attention[:, width_p:].float(),
-                      engine_logp, torch.tensor(scores, dtype=torch.float32))
+    mask = attention[:, width_p:].float()
+    for i, g in enumerate(generations):
+        if g.loss_mask is not None:  # an episode: the environment's inserted tokens carry no loss
+            mask[i, :len(g.loss_mask)] = torch.tensor(g.loss_mask, dtype=torch.float32)
+    return Experience(input_ids, attention, position_ids, response, mask, engine_logp,
+                      torch.tensor(scores, dtype=torch.float32))
 
 
 def at_response(per_position: torch.Tensor, exp: Experience) -> torch.Tensor:

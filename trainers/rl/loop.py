@@ -258,7 +258,7 @@ class RLLoop:
         model.eval()
         logits, _ = model(mb.input_ids, mb.attention_mask, mb.position_ids)
         trainer = token_logp(at_response(logits, mb), mb.response_ids)
-        lengths = mb.mask.sum(1).long().tolist()
+        lengths = mb.response_lengths.long().tolist()
         width = exp.prompt_width
         prompts = [ids[width - int(n):].tolist() for ids, n in
                    zip(mb.input_ids[:, :width], mb.attention_mask[:, :width].sum(1))]

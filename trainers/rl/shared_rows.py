@@ -48,7 +48,7 @@ def shared_rows(exp: Experience, dtype: torch.dtype = torch.float32,
     the padded rows' (no prompt with more than one sample, or rows too long)."""
     width_p, width_r = exp.prompt_width, exp.response_ids.shape[1]
     prompt_lens = exp.attention_mask[:, :width_p].sum(1).tolist()
-    response_lens = exp.mask.sum(1).long().tolist()
+    response_lens = exp.response_lengths.long().tolist()
     groups: dict[tuple, list[int]] = {}
     for b, n in enumerate(prompt_lens):
         groups.setdefault(tuple(exp.input_ids[b, width_p - n:width_p].tolist()), []).append(b)
