@@ -220,7 +220,8 @@ def test_group_rl_raises_held_out_exact_match_reward(sft_mixed, group_rl, estima
 # ratio (GSPO) and the capped stop-gradient weight (CISPO) act, not only their gradient at 1.
 OBJECTIVES = {"dr_grpo": ["algo.scale_rewards=false", "algo.aggregation=fixed"],
               "gspo": ["algo.ratio_level=sequence", "algo.mini_batches=2"],
-              "cispo": ["algo.policy_loss=cispo", "algo.mini_batches=2"]}
+              "cispo": ["algo.policy_loss=cispo", "algo.mini_batches=2"],
+              "dapo": ["algo.dynamic_sampling=true", "algo.clip_eps_high=0.28", "algo.mini_batches=2"]}
 
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
@@ -232,6 +233,10 @@ def test_grpo_family_objectives_raise_held_out_exact_match_reward(group_rl, obje
     rows = _steps(config.run_dir)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert rows[-1]["response_length"] < rows[0]["response_length"]  # "The answer is" is dropped
+    if objective == "dapo":  # groups with one reward for all were dropped and replaced
+        assert min(r["informative_groups"] for r in rows) < 1.0, [r["informative_groups"] for r in rows]
+        assert max(r["sampling_rounds"] for r in rows) > 1
+        assert sum(r["informative_kept"] for r in rows) > sum(r["informative_groups"] for r in rows)
 
 
 def test_pipelined_grpo_with_correction_learns_as_much_as_the_synchronous_run(group_rl):

@@ -111,6 +111,34 @@ def test_ppo_advantages_come_from_gae_on_the_values():
     assert exp.advantages.tolist() == [[0.75, 0.5]]
 
 
+def _scored(rewards, prompt):
+    return [Generation(0, k, [prompt], [prompt, k + 1], "", [-0.5, -0.5], "stop", episode_reward=r)
+            for k, r in enumerate(rewards)]
+
+
+@pytest.mark.parametrize("rounds, kept_prompts, informative_kept", [(3, [2, 4], 1.0), (1, [2, 1], 0.5)])
+def test_dynamic_sampling_keeps_groups_whose_rewards_differ(rounds, kept_prompts, informative_kept):
+    """Prompt 1's samples all score 1 and prompt 3's all 0 (no signal); 2 and 4 differ. One
+    more round finds 4; with no more rounds allowed, the batch is filled with prompt 1."""
+    from types import SimpleNamespace
+
+    from trainers.rl.collect import Collector, Services
+
+    algo = AlgoConfig(samples_per_prompt=2, dynamic_sampling=True, max_sampling_rounds=rounds)
+    collector = Collector(SimpleNamespace(algo=algo, rollout=RolloutConfig()), SimpleNamespace(pad_token_id=0),
+                          Services(pool=None), SimpleNamespace(rank=0))
+    drawn = []
+    collector.draw = lambda step, round_, count: drawn.append((step, round_, count)) or ["p3", "p4"]
+    collector.generate = lambda records, sampling: [_scored([0.0, 0.0], 3), _scored([1.0, 0.0], 4)]
+    exp, timings, metrics = collector.collect(["p1", "p2"], 5, pending=lambda: [_scored([1.0, 1.0], 1),
+                                                                               _scored([0.0, 1.0], 2)])
+    assert drawn == ([(5, 1, 2)] if rounds > 1 else [])
+    assert [int(p) for p in exp.input_ids[::2, 0]] == kept_prompts
+    assert exp.scores.tolist() == {3: [0.0, 1.0, 1.0, 0.0], 1: [0.0, 1.0, 1.0, 1.0]}[rounds]
+    assert metrics["informative_groups"] == 0.5 and metrics["informative_kept"] == informative_kept
+    assert metrics["sampling_rounds"] == min(rounds, 2)
+
+
 def test_truncated_responses_carry_no_loss_with_mask_truncated():
     from types import SimpleNamespace
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ class Collector:
         self.job, self.algo, self.services, self.worker = job, job.algo, services, worker
         self.pad_id = tokenizer.pad_token_id
         self.episodes, self.in_flight = None, {}
+        self.draw = None  # (step, round, count) -> prompt records, for dynamic sampling (set by the loop)
         if job.rollout.environment:
             from rollout.environment import load_environment
             from rollout.episodes import EpisodeRunner
@@ -82,6 +83,11 @@ class Collector:
         t = time.perf_counter()
         scores, terms = self.rewards(records, generations)
         timings["score_s"] = time.perf_counter() - t
+        extra = {}
+        if self.algo.dynamic_sampling:
+            t = time.perf_counter()
+            generations, scores, terms, extra = self.keep_informative(len(records), step, generations, scores, terms)
+            timings["resample_s"] = time.perf_counter() - t
         exp = build_experience(generations, scores, self.pad_id)
         if self.algo.mask_truncated:  # DAPO's overlong filtering: cut off mid-answer, no loss
             exp.mask[torch.tensor([g.finish_reason == "length" for g in generations])] = 0.0
@@ -95,13 +101,36 @@ class Collector:
                    "truncated": sum(g.finish_reason == "length" for g in generations) / len(generations),
                    "staleness_max": float(step - min(g.policy_version for g in generations)),
                    "sample_digest": float(digest([t for g in generations for t in g.response_ids])),
-                   **{f"reward_{name}": sum(v) / len(v) for name, v in terms.items()}}
+                   **{f"reward_{name}": sum(v) / len(v) for name, v in terms.items()}, **extra}
         if self.episodes is not None:
             metrics["turns"] = sum(g.turns for g in generations) / len(generations)
             outcomes = [g.success for g in generations if g.success is not None]
             if outcomes:
                 metrics["success"] = sum(outcomes) / len(outcomes)
         return exp, timings, metrics
+
+    def keep_informative(self, wanted: int, step: int, generations: list, scores: list, terms: dict):
+        """DAPO's dynamic sampling: `wanted` groups whose rewards differ, from this round and
+        up to `max_sampling_rounds - 1` more on prompts `self.draw(step, round, count)` gives
+        (a pure function of the step, so a resumed run draws the same); short of that, the
+        batch is filled with equal-reward groups, which train on nothing but keep every
+        worker's batch the same size."""
+        n = self.algo.samples_per_prompt
+        kept, dropped = split_groups(generations, scores, terms, n)
+        first_share, rounds = len(kept) / wanted, 1
+        while len(kept) < wanted and rounds < self.algo.max_sampling_rounds:
+            records = self.draw(step, rounds, min(wanted, 2 * (wanted - len(kept))))
+            sampling = self.sampling(step)
+            more = [g for group in self.generate(records, replace(sampling, seed=sampling.seed + 104_729 * rounds))
+                    for g in group]
+            more_kept, more_dropped = split_groups(more, *self.rewards(records, more), n)
+            kept, dropped, rounds = kept + more_kept, dropped + more_dropped, rounds + 1
+        chosen = (kept + dropped)[:wanted]
+        generations = [g for gens, _, _ in chosen for g in gens]
+        scores = [s for _, group_scores, _ in chosen for s in group_scores]
+        terms = {name: [v for _, _, group_terms in chosen for v in group_terms[name]] for name in terms}
+        return generations, scores, terms, {"informative_groups": first_share, "sampling_rounds": float(rounds),
+                                            "informative_kept": min(len(kept), wanted) / wanted}
 
     def rewards(self, records: list, generations: list) -> tuple[list[float], dict[str, list[float]]]:
         """Each generation's combined reward (an episode's own reward plus the reward actors'
@@ -157,6 +186,16 @@ class Collector:
             self.teach(exp, generations, 1.0)
             sums.update(divergence=divergence(exp), tokens=float(exp.mask.sum()))
         return sums
+
+
+def split_groups(generations: list, scores: list, terms: dict, n: int) -> tuple[list, list]:
+    """The groups of n (generations, scores, terms) whose scores differ, and those whose
+    scores are all equal (no group-relative signal), each in order."""
+    informative, flat = [], []
+    for at in range(0, len(generations), n):
+        group = (generations[at:at + n], scores[at:at + n], {name: v[at:at + n] for name, v in terms.items()})
+        (informative if max(group[1]) > min(group[1]) else flat).append(group)
+    return informative, flat
 
 
 def sampled_tokens(g) -> int:

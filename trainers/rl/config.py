@@ -64,6 +64,11 @@ class AlgoConfig:
     mask_truncated: bool = opt(
         False, "Give no loss to responses cut off at max_new_tokens (DAPO's overlong filtering); they still "
                "count in their group's baseline. The soft alternative is the overlong_penalty reward.")
+    dynamic_sampling: bool = opt(
+        False, "DAPO's dynamic sampling: drop the groups whose rewards are all equal (they carry no "
+               "group-relative signal) and sample more prompts until prompts_per_step informative groups are "
+               "found or max_sampling_rounds is reached (then the batch is filled with the dropped ones).")
+    max_sampling_rounds: int = opt(3, "dynamic_sampling: most generation rounds per step, the first included.")
     share_prompts: bool = opt(
         True, "Train on a prompt's samples as one sequence, the prompt computed once and every response "
               "attending to it (a 4D mask; sdpa or eager attention), when that means fewer tokens: the same "
@@ -72,7 +77,7 @@ class AlgoConfig:
 
     def validate(self, section: str) -> None:
         for key in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs", "mini_batches",
-                    "kl_horizon"):
+                    "kl_horizon", "max_sampling_rounds"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{section}.{key}", f"must be >= 1, got {getattr(self, key)}")
         if self.temperature <= 0:

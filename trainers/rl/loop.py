@@ -12,6 +12,7 @@ in: they outlive a restarted worker group, which re-syncs them from its checkpoi
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ class RLLoop:
         self.job, self.algo, self.tokenizer, self.datasets = job, job.algo, tokenizer, datasets
         self.worker, self.run_dir = Worker.current(), Path(job.run_dir)
         self.collector = Collector(job, tokenizer, services, self.worker)
+        self.collector.draw = self.draw_prompts
         self.pool = services.pool
         self.unconfirmed = None  # a sync sent to the engines, its confirmation not yet waited for
         seed_everything(job.train.seed)
@@ -115,6 +117,13 @@ class RLLoop:
                 report_checkpoint(self.strategy, worker, progress, row, pipeline and pipeline.save)
         self.save_final()
         log_peak_memory(log, worker, progress.step)
+
+    def draw_prompts(self, step: int, round_: int, count: int) -> list:
+        """`count` training prompts for dynamic sampling's round `round_` of `step`: seeded by
+        the step, the round and the rank, so a resumed run draws what an uninterrupted one did."""
+        seed = ((self.job.data.seed + self.job.train.seed) * 1_000_003 + step) * 1009 + round_ * 31 + self.worker.rank
+        train = self.datasets.train
+        return [train[i] for i in random.Random(seed).sample(range(len(train)), min(count, len(train)))]
 
     def step(self, step: int, records: list, pending=None) -> dict:
         started = time.perf_counter()
