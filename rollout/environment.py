@@ -5,6 +5,7 @@ An environment is a class; one instance plays one episode:
 
     class MyEnv:
         tools = []                                    # optional: rollout.tools.Tool list
+        describe_tools = True                         # optional: False keeps them out of the prompt
         def __init__(self, **params): ...             # rollout.env_params
         def reset(self, prompt, reference, metadata):  # the prompt row's messages, reference, metadata
             return prompt                             # the messages the episode starts from
@@ -49,8 +50,11 @@ class Turn:
 class ToolEnvironment:
     """An environment whose assistant may call `tools` before answering: a reply with tool
     calls gets one tool message per call and the episode goes on; a reply without any is
-    the answer, judged by `finish`. `calls` counts the well-formed calls made so far."""
+    the answer, judged by `finish`. `calls` counts the well-formed calls made so far.
+    `describe_tools` False leaves the tools out of the prompt, for a model fine-tuned on
+    transcripts of their calls."""
     tools: list[Tool] = []
+    describe_tools: bool = True
 
     def __init__(self):
         self.calls = 0

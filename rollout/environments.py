@@ -1,10 +1,11 @@
 """The built-in environments (`rollout.environment: rayft:NAME`):
 
-- `calculator`: arithmetic questions with a calculator tool. The answer is judged
+- `calculator`: arithmetic questions with a calculator tool (`a op b` on integers). The answer is judged
   against the row's `reference`; the full reward needs a well-formed tool call
   (`no_tool_reward`, default 0.5, for a right answer without one), so a policy learns to
   use the tool where it cannot compute itself. Rows: `rayft data synth --task
-  calculator`; tool-use transcripts to start from: `--task calculator_sft`.
+  calculator`; tool-use transcripts to start from: `--task calculator_sft` (they teach
+  the call format, so run them with `describe_tools: false`).
 - `guess_number`: a multi-turn game with feedback. The user thinks of a number (the
   row's `reference`) between `low` and `high`; each guess is answered "Higher.",
   "Lower." or "Correct!"; the reward is 1 minus `cost_per_guess` per extra guess, 0 if
@@ -13,7 +14,6 @@
 
 from __future__ import annotations
 
-import ast
 import operator
 import re
 from typing import Optional
@@ -21,46 +21,31 @@ from typing import Optional
 from rollout.environment import ToolEnvironment, Turn
 from rollout.tools import Tool
 
-OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
-MAX_EXPRESSION_CHARS = 200
+OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 MAX_MAGNITUDE = 10 ** 18
 
 
-def calculator(expression: str) -> str:
-    """The value of an integer expression of + - * and parentheses."""
-    if len(expression) > MAX_EXPRESSION_CHARS:
-        raise ValueError(f"the expression is longer than {MAX_EXPRESSION_CHARS} characters")
-    try:
-        tree = ast.parse(expression.strip(), mode="eval")
-    except SyntaxError:
-        raise ValueError(f"cannot parse {expression!r}") from None
-    return str(_evaluate(tree.body))
+def calculator(a: int, op: str, b: int) -> str:
+    """a op b for integers a and b and op one of + - *."""
+    if op not in OPERATORS:
+        raise ValueError(f"op must be one of {' '.join(OPERATORS)}, got {op!r}")
+    if max(abs(a), abs(b)) > MAX_MAGNITUDE:
+        raise ValueError("the operands are too large")
+    return str(OPERATORS[op](a, b))
 
 
-def _evaluate(node) -> int:
-    if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        value = _evaluate(node.operand)
-        return -value if isinstance(node.op, ast.USub) else value
-    if isinstance(node, ast.BinOp) and type(node.op) in OPERATORS:
-        value = OPERATORS[type(node.op)](_evaluate(node.left), _evaluate(node.right))
-        if abs(value) > MAX_MAGNITUDE:
-            raise ValueError("the result is too large")
-        return value
-    raise ValueError("only integers, + - * and parentheses are allowed")
-
-
-CALCULATOR = Tool(calculator, "Evaluate an arithmetic expression of integers with + - * and parentheses.",
-                  {"expression": {"type": "string", "description": "for example 482 + 317"}})
+# Numbers as JSON integers: `{"a": 482, "op": "+", "b": 317}` spells each operand as the
+# question does, which a model copies more easily than the digits inside a string.
+CALCULATOR = Tool(calculator, "Integer arithmetic: a op b.",
+                  {"a": {"type": "integer"}, "op": {"type": "string", "enum": list(OPERATORS)}, "b": {"type": "integer"}})
 
 
 class Calculator(ToolEnvironment):
     tools = [CALCULATOR]
 
-    def __init__(self, no_tool_reward: float = 0.5):
+    def __init__(self, no_tool_reward: float = 0.5, describe_tools: bool = True):
         super().__init__()
-        self.no_tool_reward = no_tool_reward
+        self.no_tool_reward, self.describe_tools = no_tool_reward, describe_tools
 
     def finish(self, answer: str) -> Turn:
         if self.reference is None:

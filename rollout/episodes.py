@@ -94,7 +94,8 @@ class EpisodeRunner:
         if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
             raise EnvError(f"{self.name}: reset must return the start messages (a non-empty list of "
                            f"{{role, content}}), got {type(messages).__name__}")
-        messages, tools = with_tools(messages, list(getattr(env, "tools", [])), self.tokenizer)
+        offered = list(getattr(env, "tools", [])) if getattr(env, "describe_tools", True) else []
+        messages, tools = with_tools(messages, offered, self.tokenizer)
         ids = self.tokenizer(self.render(messages, tools, True), add_special_tokens=False)["input_ids"]
         return Episode(env, prompt_index, sample_index, messages, tools, list(ids))
 

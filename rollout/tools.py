@@ -2,9 +2,9 @@
 signatures, how they are offered in the prompt, how calls are parsed from the
 assistant's text, and how a call is run into a tool message.
 
-    calc = Tool(calculator, "Evaluate an arithmetic expression.",
-                {"expression": {"type": "string", "description": "such as 12 * (3 + 4)"}})
-    calls = parse_tool_calls('<tool_call>{"name": "calculator", "arguments": {"expression": "2+3"}}</tool_call>')
+    calc = Tool(calculator, "Integer arithmetic: a op b.",
+                {"a": {"type": "integer"}, "op": {"type": "string", "enum": ["+", "-", "*"]}, "b": {"type": "integer"}})
+    calls = parse_tool_calls('<tool_call>{"name": "calculator", "arguments": {"a": 2, "op": "+", "b": 3}}</tool_call>')
     run_call(calls[0], {"calculator": calc})   # -> {"role": "tool", "name": "calculator", "content": "5"}
 
 The call format is the one Qwen and Hermes chat templates use: a JSON object with
@@ -31,7 +31,7 @@ MAX_RESULT_CHARS = 2000
 class Tool:
     fn: Callable[..., Any]
     description: str
-    parameters: dict[str, dict]              # argument name -> JSON schema ({"type": ..., "description": ...})
+    parameters: dict[str, dict]              # argument name -> JSON schema ({"type", "description", "enum"})
     required: Optional[list[str]] = None     # default: every parameter
     name: str = ""                           # default: the function's name
 
@@ -60,6 +60,9 @@ class Tool:
             expected = JSON_TYPES.get(self.parameters[name].get("type", ""))
             if expected and (not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool)):
                 return f"argument '{name}' must be of type {self.parameters[name]['type']}"
+            allowed = self.parameters[name].get("enum")
+            if allowed is not None and value not in allowed:
+                return f"argument '{name}' must be one of {allowed}, got {value!r}"
         return None
 
 

@@ -10,7 +10,7 @@ import torch
 
 from rollout.engine import Sampling
 from rollout.environment import EnvError, Turn, load_environment
-from rollout.environments import Calculator, GuessNumber, calculator
+from rollout.environments import Calculator, GuessNumber
 from rollout.episodes import EpisodeRunner
 from rollout.tools import Tool, describe_tools, parse_tool_calls, run_call, with_tools
 from trainers.data.records import Prompt
@@ -159,7 +159,7 @@ def test_environment_errors_name_the_environment(engine):
 def test_the_calculator_environment_rewards_a_right_answer_fully_only_with_the_tool():
     env = Calculator()
     env.reset([{"role": "user", "content": "What is 482 + 317?"}], "799", {})
-    call = '<tool_call>{"name": "calculator", "arguments": {"expression": "482 + 317"}}</tool_call>'
+    call = '<tool_call>{"name": "calculator", "arguments": {"a": 482, "op": "+", "b": 317}}</tool_call>'
     turn = env.step(call)
     assert turn.messages == [{"role": "tool", "name": "calculator", "content": "799"}] and not turn.done
     assert env.step("799") == Turn(reward=1.0, done=True, success=True)
@@ -170,17 +170,21 @@ def test_the_calculator_environment_rewards_a_right_answer_fully_only_with_the_t
 
 
 @pytest.mark.parametrize("text, error", [
-    ('<tool_call>{"name": "calculator", "arguments": {"expression": 5}}</tool_call>',
-     "error: argument 'expression' must be of type string"),
-    ('<tool_call>{"name": "calculator", "arguments": {"expr": "1"}}</tool_call>',
-     "error: missing ['expression'] unknown ['expr'] (takes ['expression'])"),
+    ('<tool_call>{"name": "calculator", "arguments": {"a": "1", "op": "+", "b": 2}}</tool_call>',
+     "error: argument 'a' must be of type integer"),
+    ('<tool_call>{"name": "calculator", "arguments": {"a": true, "op": "+", "b": 2}}</tool_call>',
+     "error: argument 'a' must be of type integer"),
+    ('<tool_call>{"name": "calculator", "arguments": {"a": 1, "op": "/", "b": 2}}</tool_call>',
+     "error: argument 'op' must be one of ['+', '-', '*'], got '/'"),
+    ('<tool_call>{"name": "calculator", "arguments": {"a": 1, "b": 2, "c": 3}}</tool_call>',
+     "error: missing ['op'] unknown ['c'] (takes ['a', 'op', 'b'])"),
     ('<tool_call>{"name": "search", "arguments": {}}</tool_call>', "error: no tool 'search' (tools: calculator)"),
     ('<tool_call>{"name": calculator}</tool_call>', "error: the tool call is not valid JSON"),
     ('<tool_call>["calculator"]</tool_call>', 'error: a tool call is {"name": ..., "arguments": {...}}'),
-    ('<tool_call>{"name": "calculator", "arguments": {"expression": "2 ** 999"}}</tool_call>',
-     "error: ValueError: only integers, + - * and parentheses are allowed"),
-    ('<tool_call>{"name": "calculator", "arguments": {"expression": "__import__(\'os\')"}}</tool_call>',
-     "error: ValueError: only integers"),
+    ('<tool_call>{"name": "calculator", "arguments": {"a": 1e400, "op": "*", "b": 2}}</tool_call>',
+     "error: argument 'a' must be of type integer"),
+    ('<tool_call>{"name": "calculator", "arguments": {"a": 99999999999999999999, "op": "*", "b": 2}}</tool_call>',
+     "error: ValueError: the operands are too large"),
 ])
 def test_malformed_calls_get_an_error_message_back(text, error):
     env = Calculator()
@@ -191,11 +195,11 @@ def test_malformed_calls_get_an_error_message_back(text, error):
 
 
 def test_tool_calls_parse_and_run_in_order():
-    tools = {"calculator": Tool(calculator, "calc", {"expression": {"type": "string"}}),
+    tools = {"calculator": Calculator.tools[0],
              "shout": Tool(lambda text: text.upper(), "shout", {"text": {"type": "string"}}, name="shout")}
     calls = parse_tool_calls('a <tool_call> {"name": "shout", "arguments": {"text": "hi"}} </tool_call> b '
-                             '<tool_call>{"name": "calculator", "arguments": {"expression": "(2 + 3) * 4"}}</tool_call>')
-    assert [run_call(c, tools)["content"] for c in calls] == ["HI", "20"]
+                             '<tool_call>{"name": "calculator", "arguments": {"a": 5, "op": "*", "b": -4}}</tool_call>')
+    assert [run_call(c, tools)["content"] for c in calls] == ["HI", "-20"]
     assert parse_tool_calls("no calls here") == []
 
 
@@ -212,7 +216,7 @@ def test_tools_reach_the_prompt_through_the_template_or_a_system_message(tiny_to
 
     same, schemas = with_tools(messages, [tool], TemplateWithTools())
     assert same == messages and schemas == [tool.schema]
-    assert json.loads(json.dumps(schemas))[0]["function"]["parameters"]["required"] == ["expression"]
+    assert json.loads(json.dumps(schemas))[0]["function"]["parameters"]["required"] == ["a", "op", "b"]
 
 
 def test_the_guessing_game_gives_feedback_and_pays_for_few_guesses():

@@ -67,29 +67,30 @@ def addition_preference(rng: random.Random) -> tuple[str, str, str]:
 
 
 def calculator(rng: random.Random) -> dict:
-    """A three-digit sum as a prompt row for the calculator environment: too hard for a
-    tiny model to add itself, easy with the tool."""
-    a, b = rng.randint(100, 999), rng.randint(100, 999)
-    return {"messages": [{"role": "user", "content": f"What is {a} + {b}?"}], "reference": str(a + b)}
+    """A two-digit sum as a prompt row for the calculator environment (the addition task)."""
+    question, answer = addition(rng)
+    return {"messages": [{"role": "user", "content": question}], "reference": answer}
 
 
-def calculator_sft(rng: random.Random, tool_share: float = 0.4) -> dict:
+def calculator_sft(rng: random.Random, tool_share: float = 0.45) -> dict:
     """A calculator-environment transcript to start RL from: `tool_share` of them call
-    the tool and copy its result, the rest answer at once (usually wrongly: a tiny model
-    cannot add three-digit numbers), so a policy starts mostly without the tool."""
-    from rollout.environments import CALCULATOR, calculator as evaluate
-    from rollout.tools import describe_tools
+    the tool and copy its result; the rest answer at once in another style ("The answer
+    is 83."), which the environment never counts as right, so a policy that starts out
+    answering at once greedily gains everything by learning to call the tool. There is no
+    system message describing the tool: the transcripts teach the call format, and the
+    environment runs with `describe_tools: false`."""
+    from rollout.environments import calculator as evaluate
 
     row = calculator(rng)
     question, answer = row["messages"][0]["content"], row["reference"]
-    expression = question[len("What is "):-1]
-    messages = [{"role": "system", "content": describe_tools([CALCULATOR])}, {"role": "user", "content": question}]
+    a, b = (int(x) for x in question[len("What is "):-1].split(" + "))
+    messages = [{"role": "user", "content": question}]
     if rng.random() < tool_share:
-        call = json.dumps({"name": "calculator", "arguments": {"expression": expression}})
+        call = json.dumps({"name": "calculator", "arguments": {"a": a, "op": "+", "b": b}})
         messages += [{"role": "assistant", "content": f"<tool_call>{call}</tool_call>"},
-                     {"role": "tool", "content": evaluate(expression)}]
-    else:  # a guess near the answer, as a model that cannot add would give
-        answer = str(int(answer) + rng.choice([-100, -10, -1, 0, 1, 10, 100]))
+                     {"role": "tool", "content": evaluate(a, "+", b)}]
+    else:
+        answer = f"The answer is {int(answer) + rng.choice([-10, -1, 0, 1, 10])}."
     return {"messages": messages + [{"role": "assistant", "content": answer}], "reference": row["reference"]}
 
 
