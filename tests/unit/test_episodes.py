@@ -227,3 +227,31 @@ def test_the_guessing_game_gives_feedback_and_pays_for_few_guesses():
     assert game.step("7") == Turn([{"role": "user", "content": "Correct!"}], reward=0.5, done=True, success=True)
     with pytest.raises(ValueError, match="secret number"):
         GuessNumber().reset([], None, {})
+
+
+def test_inserted_tokens_get_no_gradient_from_the_objective(engine):
+    """Through the GRPO objective (entropy bonus and KL on), the loss's gradient reaches
+    the logits of sampled tokens only, never those predicting inserted ones."""
+    from trainers.rl.config import AlgoConfig
+    from trainers.rl.experience import at_response, sampled_and_raw_logp
+    from trainers.rl.objectives import AdaptiveKL, GroupRL
+
+    [group] = runner(engine).run([Prompt([{"role": "user", "content": "hi"}])],
+                                 Sampling(n=2, temperature=1.0, max_new_tokens=8, seed=3))
+    exp = build_experience(group, [1.0, 0.0], engine.tokenizer.pad_token_id)
+    algo = AlgoConfig(samples_per_prompt=2, entropy_coef=0.01, kl_coef=0.1)
+    objective = GroupRL(algo, AdaptiveKL(0.1, 0, 1), 1.0)
+    with torch.no_grad():
+        logits = engine.base(input_ids=exp.input_ids, attention_mask=exp.attention_mask,
+                             position_ids=exp.position_ids).logits
+    exp.old_logp = sampled_and_raw_logp(at_response(logits, exp), exp.response_ids, 1.0)[0].detach()
+    exp.ref_logp = exp.old_logp - 0.1
+    objective.prepare(exp, 2)
+    leaf = (logits + 0.01 * torch.randn_like(logits)).requires_grad_()  # off the old policy: ratios move
+    response_logits = at_response(leaf, exp)
+    logp, _ = sampled_and_raw_logp(response_logits, exp.response_ids, 1.0)
+    loss, _ = objective.loss(response_logits, logp, None, exp)
+    loss.backward()
+    per_position = at_response(leaf.grad, exp).abs().sum(-1)
+    assert (per_position[exp.mask == 0] == 0).all()
+    assert (per_position[exp.mask == 1] > 0).all()
