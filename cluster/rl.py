@@ -21,7 +21,8 @@ def actor_cpus(config) -> float:
 
 
 # Settings only the RL loop reads: a pool started with other values still serves a run.
-LOOP_ONLY_ROLLOUT_KEYS = {"verify_sync", "max_staleness", "lora_sync"}
+LOOP_ONLY_ROLLOUT_KEYS = {"verify_sync", "max_staleness", "lora_sync",
+                          "environment", "env_params", "max_turns", "max_episode_tokens"}
 
 
 def check_pool(pool, config) -> None:

@@ -112,15 +112,17 @@ class EpisodeRunner:
             requests.setdefault((budget, tuple(e.prompt_ids + e.ids)), []).append(e)
         # Episodes with the same context (the first turn's samples of one prompt) share one
         # prompt with n samples; one pool call per (n, budget), all in flight together.
+        # Greedy decoding gives every episode of a group the same turn: one sample serves all.
+        greedy = sampling.temperature == 0
         calls: dict[tuple[int, int], list[list[Episode]]] = {}
         for (budget, _), group in requests.items():
-            calls.setdefault((len(group), budget), []).append(group)
+            calls.setdefault((1 if greedy else len(group), budget), []).append(group)
         tickets = [(groups, self.pool.submit([g[0].prompt_ids + g[0].ids for g in groups],
                                              replace(sampling, n=n, max_new_tokens=budget)))
                    for (n, budget), groups in calls.items()]
         for groups, ticket in tickets:
             for group, generations in zip(groups, self.pool.result(ticket)):
-                for e, g in zip(group, generations):
+                for e, g in zip(group, generations * len(group) if greedy else generations):
                     self.after_turn(e, g, last)
 
     def after_turn(self, e: Episode, g: Generation, last: bool) -> None:

@@ -239,6 +239,31 @@ def test_grpo_family_objectives_raise_held_out_exact_match_reward(group_rl, obje
         assert sum(r["informative_kept"] for r in rows) > sum(r["informative_groups"] for r in rows)
 
 
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_multi_turn_episodes_on_the_engines_train_on_their_own_log_probs(sft_mixed, rl_data, tmp_path, rollout_pool,
+                                                                         staleness):
+    """The guessing game on the vLLM engine: episodes of several turns, whose sampled tokens'
+    engine log-probs are the trainer's to 1e-4 on every step of the synchronous run (so the
+    inserted feedback tokens sit where the engine saw them), run pipelined as well."""
+    prompts = _write(tmp_path / "guess.jsonl", synth_rows("guess_number", 200, seed=5))
+    steps = 3
+    config, summary = _train(tmp_path, f"guess-{staleness}", sft_mixed, "method=grpo", f"data.train=[{prompts}]",
+                             "data.eval_fraction=0.1", "algo.prompts_per_step=4", "algo.samples_per_prompt=4",
+                             "algo.max_new_tokens=8", "algo.eval_prompts=8", "rollout.environment=rayft:guess_number",
+                             "rollout.env_params={high: 20}", "rollout.max_turns=4", f"train.max_steps={steps}",
+                             f"rollout.max_staleness={staleness}", pool=rollout_pool)
+    rows = _steps(config.run_dir)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert all(r["turns"] > 1.5 for r in rows), [r["turns"] for r in rows]
+    assert all("success" in r and "reward_environment" in r for r in rows)
+    if staleness == 0:
+        assert max(r["logprob_diff_max"] for r in rows) < 1e-4, [r["logprob_diff_max"] for r in rows]
+    else:
+        assert [r["staleness_max"] for r in rows] == [0.0] + [1.0] * (steps - 1)
+    assert _evals(config.run_dir, "eval_success") and _evals(config.run_dir, "eval_turns")[-1] > 1.5
+    assert summary["steps"] == steps
+
+
 def test_pipelined_grpo_with_correction_learns_as_much_as_the_synchronous_run(group_rl):
     """Same prompts, same seed, same number of steps: sampling one step ahead with truncated
     importance weights ends within noise of the synchronous run's held-out reward (64

@@ -139,6 +139,24 @@ def test_budgets_end_episodes(engine):
     assert g.finish_reason == "length" and len(g.response_ids) <= 20 and g.turns < 3
 
 
+def test_greedy_episodes_of_one_context_share_one_sample(engine):
+    """Greedy decoding refuses n > 1 on vLLM; identical contexts (the same prompt twice, then
+    identical turns) are asked once with n = 1 and every episode gets that turn."""
+    class Counting(EnginePool):
+        def submit(self, prompts, sampling):
+            self.asked = getattr(self, "asked", []) + [sampling.n]
+            return super().submit(prompts, sampling)
+
+    pool = Counting(engine)
+    hi = Prompt([{"role": "user", "content": "hi"}])
+    groups = EpisodeRunner(pool, engine.tokenizer, Again, max_turns=3).run(
+        [hi, hi], Sampling(n=2, temperature=0.0, max_new_tokens=8))
+    episodes = [g for group in groups for g in group]
+    assert pool.asked == [1, 1, 1]
+    assert len(episodes) == 4 and all(g.turns == 3 for g in episodes)
+    assert len({tuple(g.response_ids) for g in episodes}) == 1
+
+
 def test_environment_errors_name_the_environment(engine):
     class Broken(Again):
         def step(self, message):
