@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 from trainers.errors import UserError, WorkerError
+from trainers.families import FAMILIES
 
 DESCRIPTION = "rayft: fine-tune and align language models on Ray."
 EPILOG = textwrap.dedent("""\
@@ -30,9 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("init-model", help="build a random Llama-style model and BPE tokenizer locally",
-                       description="Build a random-initialised Llama-style model with a byte-level BPE "
-                                   "tokenizer (ChatML chat template) in the transformers format.")
+    p = sub.add_parser("init-model", help="build a small random model of a family and its BPE tokenizer locally",
+                       description="Build a random-initialised model of one family with a byte-level BPE "
+                                   "tokenizer and the family's chat template, written by transformers' "
+                                   "save_pretrained (safetensors). See docs/models.md.")
+    p.add_argument("--arch", choices=list(FAMILIES), default="llama",
+                   help="model family: llama (ChatML), llama3, qwen2, qwen3, mistral, gemma2, phi3, "
+                        "qwen3_moe (routed experts)")
     p.add_argument("--preset", choices=["tiny", "small", "bench"], default="tiny",
                    help="tiny: tests (head_dim 64, vLLM-CPU compatible); small: examples; bench: ~30M params")
     p.add_argument("--out", required=True, help="output directory")
@@ -155,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_init_model(args) -> int:
     from trainers.models import build_model
 
-    out = build_model(args.preset, args.out, args.corpus, seed=args.seed, pretrain_steps=args.pretrain_steps)
+    out = build_model(args.preset, args.out, args.corpus, seed=args.seed, pretrain_steps=args.pretrain_steps,
+                      arch=args.arch)
     print(f"model written to {out}")
     return 0
 

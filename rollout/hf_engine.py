@@ -148,6 +148,10 @@ class HFEngine:
         for actual in self.model.state_dict():
             if "lora_" not in actual:
                 names[actual.removeprefix("base_model.model.").replace(".base_layer.", ".")] = actual
+        if any(".experts." in n and n not in names for n in weights):
+            raise ValueError("the transformers engine cannot take a weight sync of this model: it holds its "
+                             "MoE experts fused in memory, and syncs travel in the checkpoint's per-expert "
+                             "layout; use rollout.engine: vllm")
         check_names(weights, set(names))
         self.model.load_state_dict({names[n]: t for n, t in weights.items()}, strict=False)
         state = self.model.state_dict()

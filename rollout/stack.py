@@ -2,7 +2,7 @@
 same bounds as pyproject.toml) and the check of the installed versions against them.
 
 Each `*_compat.py` module (services.ray_compat, rollout.vllm_compat,
-trainers.deepspeed_compat) holds the private names rayft uses of its library and calls
+trainers.deepspeed_compat, trainers.transformers_compat) holds the private names rayft uses of its library and calls
 `require` when imported, so a library outside its range fails at start with the range
 named, not later with an AttributeError deep in a worker. `check_stack` is the cheap
 version of all five for the `rayft` CLI: package metadata only, nothing imported.

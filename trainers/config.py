@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from rollout.config import opt  # rollout is the lowest layer: the shared field helper lives there
+from trainers.chat_templates import resolve as resolve_template
 from trainers.errors import ConfigError
 
 
@@ -58,13 +59,15 @@ class DataConfig:
     max_length: int = opt(512, "Maximum tokens per sample (or per packed sequence).")
     truncation_side: Literal["right", "left"] = opt("right", "Which end of an over-long sample is cut.")
     packing: bool = opt(False, "Pack several samples into each sequence without cross-sample attention.")
-    chat_template: Optional[str] = opt(None, "Jinja chat template overriding the tokenizer's own.")
+    chat_template: Optional[str] = opt(None, "Chat template overriding the tokenizer's own: a name (chatml, qwen, "
+                                             "llama3, gemma, mistral, phi3) or the Jinja text.")
     skip_bad_rows: bool = opt(False, "Skip malformed rows (their count is reported) instead of stopping.")
     seed: int = opt(0, "Seed of the train/eval split and of mixing.")
 
     def validate(self, section: str) -> None:
         if not self.train:
             raise ConfigError(f"{section}.train", "needs at least one source")
+        resolve_template(self.chat_template, key=f"{section}.chat_template")
         for name in ("train", "eval"):
             for i, src in enumerate(getattr(self, name)):
                 src.validate(f"{section}.{name}[{i}]")

@@ -1,7 +1,8 @@
-"""Local models: build random Llama-style models with a trained BPE tokenizer, and load
-models and tokenizers safely (safetensors only, no remote code unless asked).
+"""Local models: build random models of any supported family (`trainers.families`) with a
+trained BPE tokenizer, and load models and tokenizers safely (safetensors only, no remote
+code unless asked).
 
-`rayft init-model --preset tiny|small|bench --out DIR` lands here. Presets:
+`rayft init-model --arch FAMILY --preset tiny|small|bench --out DIR` lands here. Presets:
   tiny   hidden 128, 2 layers, head_dim 64 (runs on vLLM's CPU attention), for tests
   small  hidden 256, 4 layers, a few million parameters, for examples
   bench  hidden 512, 8 layers, ~30M parameters, 512-token context, for benchmarks
@@ -15,15 +16,8 @@ from typing import Iterable
 
 from trainers.errors import UserError
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+from trainers.chat_templates import CHATML, ChatTemplate, resolve as resolve_template
 
-# ChatML: every turn is `<|im_start|>role\ncontent<|im_end|>\n`; generation stops at <|im_end|>.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
-)
 
 PRESETS = {
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
@@ -62,34 +56,41 @@ def builtin_corpus(n_lines: int = 4000, seed: int = 0) -> list[str]:
     return lines
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, chat_template: str = CHAT_TEMPLATE):
-    """A byte-level BPE tokenizer trained on `texts`, wrapped for transformers, with ChatML
-    special tokens; eos is `<|im_end|>` so generation stops at the end of a turn."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, template: ChatTemplate = CHATML):
+    """A byte-level BPE tokenizer trained on `texts`, wrapped for transformers, with the chat
+    template's special tokens; eos is the template's end of turn, so generation stops there."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    special = ["<|endoftext|>", *template.special_tokens, "<|pad|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
-                                   bos_token=None, unk_token=None, model_max_length=1_000_000)
-    fast.chat_template = chat_template
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=template.end_of_turn, pad_token="<|pad|>",
+                                   bos_token=template.bos or None, unk_token=None, model_max_length=1_000_000)
+    fast.chat_template = template.jinja
     return fast
 
 
 def build_model(preset: str, out_dir: str | Path, corpus_files: list[str] | None = None, seed: int = 0,
-                pretrain_steps: int = 0) -> Path:
-    """Create a Llama-style model and its tokenizer in `out_dir`: random weights, or with
-    `pretrain_steps` > 0 briefly trained on the corpus so it is a (weak) language model
-    that parameter-efficient methods can adapt, as they would a real base model."""
+                pretrain_steps: int = 0, arch: str = "llama") -> Path:
+    """Create a model of family `arch` and its tokenizer in `out_dir`, written by transformers'
+    own `save_pretrained`: random weights, or with `pretrain_steps` > 0 briefly trained on
+    the corpus so it is a (weak) language model that parameter-efficient methods can adapt,
+    as they would a real base model."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from trainers.families import FAMILIES
 
     if preset not in PRESETS:
         raise UserError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    if arch not in FAMILIES:
+        raise UserError(f"unknown architecture '{arch}'; choose one of {', '.join(FAMILIES)}")
+    family = FAMILIES[arch]
     spec = dict(PRESETS[preset])
     texts = builtin_corpus()
     for path in corpus_files or []:
@@ -97,14 +98,13 @@ def build_model(preset: str, out_dir: str | Path, corpus_files: list[str] | None
         if not p.is_file():
             raise UserError(f"{path}: corpus file not found")
         texts.extend(line for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
-    tokenizer = train_tokenizer(texts, spec["vocab_size"])
+    tokenizer = train_tokenizer(texts, spec["vocab_size"], family.template)
     # The trained vocabulary can be smaller than asked for; round the embedding up to 64.
     spec["vocab_size"] = -(-len(tokenizer) // 64) * 64
-    config = LlamaConfig(**spec, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
+    config = family.config(spec, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, dtype="float32")
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     if pretrain_steps > 0:
         pretrain(model, tokenizer, texts, pretrain_steps, seed)
     out = Path(out_dir)
@@ -154,7 +154,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False, chat_templ
     _require_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if chat_template:
-        tokenizer.chat_template = chat_template
+        tokenizer.chat_template = resolve_template(chat_template, tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -11,17 +11,11 @@ import json
 
 import pytest
 
-from cluster.config import load_config
-from cluster.train import run_training
 from tests.integration.faults import kill_a_worker_after_checkpoint, kill_after_step
+from tests.integration.runs import metric_rows, step_rows, train, write_rows
 from trainers.batching import StepBatches, plan_steps
 from trainers.data import synth_rows
 from trainers.rl.collect import digest
-
-
-def _write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -30,28 +24,18 @@ def rl_data(tmp_path_factory):
     pairs = [{"prompt": r["messages"][0]["content"], "chosen": r["reference"],
               "rejected": f"The answer is {r['reference']}." if i % 2 else str((int(r["reference"]) + 3) % 19)}
              for i, r in enumerate(synth_rows("small_addition", 1200, seed=4))]
-    return {"mixed": _write(root / "mixed.jsonl", synth_rows("small_addition_mixed", 2000, seed=1)),
-            "plain": _write(root / "plain.jsonl", synth_rows("small_addition", 2000, seed=6)),
-            "prompts": _write(root / "prompts.jsonl", synth_rows("small_addition", 600, seed=2)),
-            "eval": _write(root / "eval.jsonl", synth_rows("small_addition", 64, seed=3)),
-            "pairs": _write(root / "pairs.jsonl", pairs)}
-
-
-def _quiet(*_):
-    pass
-
-
-def _train(tmp_path, name, model, *overrides, pool=None):
-    config = load_config(None, [f"name={name}", f"output_dir={tmp_path}", f"model.path={model}",
-                                "cluster.num_workers=1", *overrides])
-    return config, run_training(config, echo=_quiet, pool=pool)
+    return {"mixed": write_rows(root / "mixed.jsonl", synth_rows("small_addition_mixed", 2000, seed=1)),
+            "plain": write_rows(root / "plain.jsonl", synth_rows("small_addition", 2000, seed=6)),
+            "prompts": write_rows(root / "prompts.jsonl", synth_rows("small_addition", 600, seed=2)),
+            "eval": write_rows(root / "eval.jsonl", synth_rows("small_addition", 64, seed=3)),
+            "pairs": write_rows(root / "pairs.jsonl", pairs)}
 
 
 @pytest.fixture(scope="module")
 def sft_mixed(ray_cluster, tiny_base_dir, rl_data, tmp_path_factory):
     """The start model: greedy answers in the unrewarded style."""
-    config, _ = _train(tmp_path_factory.mktemp("sft"), "sft-mixed", tiny_base_dir, f"data.train=[{rl_data['mixed']}]",
-                       "data.max_length=48", "train.max_steps=150", "train.batch_size=16", "train.lr=1e-3")
+    config, _ = train(tmp_path_factory.mktemp("sft"), "sft-mixed", tiny_base_dir, f"data.train=[{rl_data['mixed']}]",
+                      "data.max_length=48", "train.max_steps=150", "train.batch_size=16", "train.lr=1e-3")
     return config.run_dir / "final"
 
 
@@ -68,22 +52,14 @@ def rollout_pool(sft_mixed):
 
 
 def _rl(tmp_path, name, model, rl_data, method, *overrides, pool=None):
-    return _train(tmp_path, name, model, f"method={method}", f"data.train=[{rl_data['prompts']}]",
-                  f"data.eval=[{rl_data['eval']}]", "algo.prompts_per_step=16", "algo.samples_per_prompt=8",
-                  "algo.max_new_tokens=8", "train.lr=1e-4", "train.scheduler=constant", "train.warmup_ratio=0",
-                  *overrides, pool=pool)
-
-
-def _rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return train(tmp_path, name, model, f"method={method}", f"data.train=[{rl_data['prompts']}]",
+                 f"data.eval=[{rl_data['eval']}]", "algo.prompts_per_step=16", "algo.samples_per_prompt=8",
+                 "algo.max_new_tokens=8", "train.lr=1e-4", "train.scheduler=constant", "train.warmup_ratio=0",
+                 *overrides, pool=pool)
 
 
 def _evals(run_dir, key="eval_reward"):
-    return [r[key] for r in _rows(run_dir) if key in r]
-
-
-def _steps(run_dir):
-    return [r for r in _rows(run_dir) if "event" not in r and "step_s" in r]
+    return [r[key] for r in metric_rows(run_dir) if key in r]
 
 
 def _check_timings(timing):
@@ -136,10 +112,10 @@ def test_an_engine_and_a_reward_actor_killed_mid_run_do_not_end_it(sft_mixed, rl
                               "algo.eval_prompts=8", "train.lr=1e-3", f"rollout.max_staleness={staleness}",
                               pool=rollout_pool)
     assert engine.get("replaced_by") and reward.get("replaced_by"), (engine, reward)
-    rows = _steps(config.run_dir)
+    rows = step_rows(config.run_dir)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert summary["steps"] == steps
-    assert not [r for r in _rows(config.run_dir) if r.get("event") == "resume"]  # no worker restart was needed
+    assert not [r for r in metric_rows(config.run_dir) if r.get("event") == "resume"]  # no worker restart was needed
     later = [r for r in rows if r["step"] > engine["at"]]
     assert later
     if staleness == 0:
@@ -181,7 +157,7 @@ def test_group_rl_raises_held_out_exact_match_reward(sft_mixed, group_rl, estima
     evals = _evals(config.run_dir)
     assert evals[0] == 0.0, evals  # the start model answers in the unrewarded style
     assert evals[-1] >= evals[0] + margin, evals
-    steps_rows = [r for r in _rows(config.run_dir) if "reward_mean" in r]
+    steps_rows = [r for r in metric_rows(config.run_dir) if "reward_mean" in r]
     assert [r["step"] for r in steps_rows] == list(range(1, steps + 1))
     assert steps_rows[-1]["response_length"] < steps_rows[0]["response_length"]  # "The answer is" is dropped
     if extra is PIPELINED:
@@ -230,7 +206,7 @@ def test_grpo_family_objectives_raise_held_out_exact_match_reward(group_rl, obje
     config, _ = group_rl("grpo", steps, OBJECTIVES[objective])
     evals = _evals(config.run_dir)
     assert evals[0] == 0.0 and evals[-1] >= 0.15, evals
-    rows = _steps(config.run_dir)
+    rows = step_rows(config.run_dir)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert rows[-1]["response_length"] < rows[0]["response_length"]  # "The answer is" is dropped
     if objective == "dapo":  # groups with one reward for all were dropped and replaced
@@ -245,14 +221,14 @@ def test_multi_turn_episodes_on_the_engines_train_on_their_own_log_probs(sft_mix
     """The guessing game on the vLLM engine: episodes of several turns, whose sampled tokens'
     engine log-probs are the trainer's to 1e-4 on every step of the synchronous run (so the
     inserted feedback tokens sit where the engine saw them), run pipelined as well."""
-    prompts = _write(tmp_path / "guess.jsonl", synth_rows("guess_number", 200, seed=5))
+    prompts = write_rows(tmp_path / "guess.jsonl", synth_rows("guess_number", 200, seed=5))
     steps = 3
-    config, summary = _train(tmp_path, f"guess-{staleness}", sft_mixed, "method=grpo", f"data.train=[{prompts}]",
-                             "data.eval_fraction=0.1", "algo.prompts_per_step=4", "algo.samples_per_prompt=4",
-                             "algo.max_new_tokens=8", "algo.eval_prompts=8", "rollout.environment=rayft:guess_number",
-                             "rollout.env_params={high: 20}", "rollout.max_turns=4", f"train.max_steps={steps}",
-                             f"rollout.max_staleness={staleness}", pool=rollout_pool)
-    rows = _steps(config.run_dir)
+    config, summary = train(tmp_path, f"guess-{staleness}", sft_mixed, "method=grpo", f"data.train=[{prompts}]",
+                            "data.eval_fraction=0.1", "algo.prompts_per_step=4", "algo.samples_per_prompt=4",
+                            "algo.max_new_tokens=8", "algo.eval_prompts=8", "rollout.environment=rayft:guess_number",
+                            "rollout.env_params={high: 20}", "rollout.max_turns=4", f"train.max_steps={steps}",
+                            f"rollout.max_staleness={staleness}", pool=rollout_pool)
+    rows = step_rows(config.run_dir)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert all(r["turns"] > 1.5 for r in rows), [r["turns"] for r in rows]
     assert all("success" in r and "reward_environment" in r for r in rows)
@@ -274,21 +250,21 @@ def test_pipelined_grpo_with_correction_learns_as_much_as_the_synchronous_run(gr
     sync_evals, pipelined_evals = _evals(sync.run_dir), _evals(pipelined.run_dir)
     assert pipelined_evals[0] == sync_evals[0] == 0.0
     assert pipelined_evals[-1] >= sync_evals[-1] - 0.125, (sync_evals, pipelined_evals)
-    rows = _steps(pipelined.run_dir)
+    rows = step_rows(pipelined.run_dir)
     assert [r["staleness_max"] for r in rows] == [0.0] + [1.0] * (steps - 1)
     # Each step's prompts are the synchronous run's: the pipeline took them in order.
-    assert [r["prompt_digest"] for r in rows] == [r["prompt_digest"] for r in _steps(sync.run_dir)]
+    assert [r["prompt_digest"] for r in rows] == [r["prompt_digest"] for r in step_rows(sync.run_dir)]
     assert max(r["correction_weight_max"] for r in rows) > 1.01
 
 
 def test_ppo_with_a_reward_model_raises_reward(sft_mixed, rl_data, tmp_path, tiny_base_dir, rollout_pool):
-    rm, _ = _train(tmp_path, "rm", tiny_base_dir, "method=rm", f"data.train=[{rl_data['pairs']}]",
-                   "data.max_length=48", "train.max_steps=120", "train.batch_size=16", "train.lr=1e-3")
+    rm, _ = train(tmp_path, "rm", tiny_base_dir, "method=rm", f"data.train=[{rl_data['pairs']}]",
+                  "data.max_length=48", "train.max_steps=120", "train.batch_size=16", "train.lr=1e-3")
     config, summary = _rl(tmp_path, "ppo", sft_mixed, rl_data, "ppo", f"rewards.rewards=[{{fn: 'model:{rm.run_dir}'}}]",
                           "algo.samples_per_prompt=2", "algo.ppo_epochs=2", "algo.mini_batches=2",
                           "algo.kl_coef=0.05", "algo.kl_estimator=k3", "train.max_steps=30", "train.eval_every=15",
                           pool=rollout_pool)
-    rows = [r for r in _rows(config.run_dir) if "reward_mean" in r]
+    rows = [r for r in metric_rows(config.run_dir) if "reward_mean" in r]
     first, last = rows[:10], rows[-10:]
     mean = lambda part: sum(r["reward_mean"] for r in part) / len(part)  # noqa: E731
     assert mean(last) > mean(first) + 0.2, [round(r["reward_mean"], 2) for r in rows]
@@ -302,8 +278,8 @@ def test_ppo_with_a_reward_model_raises_reward(sft_mixed, rl_data, tmp_path, tin
 
 def test_on_policy_distillation_lowers_divergence_to_the_teacher(sft_mixed, rl_data, tmp_path, tiny_base_dir,
                                                                 rollout_pool):
-    teacher, _ = _train(tmp_path, "teacher", tiny_base_dir, f"data.train=[{rl_data['plain']}]", "data.max_length=48",
-                        "train.max_steps=150", "train.batch_size=16", "train.lr=1e-3")
+    teacher, _ = train(tmp_path, "teacher", tiny_base_dir, f"data.train=[{rl_data['plain']}]", "data.max_length=48",
+                       "train.max_steps=150", "train.batch_size=16", "train.lr=1e-3")
     config, summary = _rl(tmp_path, "distill", sft_mixed, rl_data, "distill", "distill.mode=on_policy",
                           f"distill.teacher={teacher.run_dir / 'final'}", "distill.loss=reverse_kl",
                           "distill.teacher_top_k=8", "algo.samples_per_prompt=2", "train.lr=3e-4",
@@ -319,7 +295,7 @@ def test_on_policy_distillation_lowers_divergence_to_the_teacher(sft_mixed, rl_d
     assert after < 0.7 * before, (before, after)
     # The student samples from its current weights: without a sync after each update the
     # engines would serve the start model and the gap would grow step after step.
-    rows = _steps(config.run_dir)
+    rows = step_rows(config.run_dir)
     assert [r["step"] for r in rows] == list(range(1, 21))
     assert max(r["logprob_diff_max"] for r in rows) < 1e-4, [r["logprob_diff_max"] for r in rows]
     timing = summary["timing_s_per_step"]
@@ -338,7 +314,7 @@ def test_killed_worker_resumes_with_the_same_remaining_prompts(sft_mixed, rl_dat
         config, summary = _rl(tmp_path, "crash", sft_mixed, rl_data, "grpo", *args, pool=rollout_pool)
     assert killed, "no worker was killed"
 
-    rows = _rows(config.run_dir)
+    rows = metric_rows(config.run_dir)
     resumes = [r for r in rows if r.get("event") == "resume"]
     assert resumes and resumes[0]["step"] % save_every == 0 and resumes[0]["step"] > 0, resumes
     assert resumes[0]["prompts_seen"] == resumes[0]["step"] * 4 * 2
@@ -351,7 +327,7 @@ def test_killed_worker_resumes_with_the_same_remaining_prompts(sft_mixed, rl_dat
                 for s in range(steps)}
     assert logged == expected
     assert summary["steps"] == steps
-    after = [r for r in _steps(config.run_dir) if r["step"] > resumes[0]["step"]]
+    after = [r for r in step_rows(config.run_dir) if r["step"] > resumes[0]["step"]]
     assert len(after) == steps - resumes[0]["step"]
     if staleness == 0:
         # The restarted workers re-sync the engines, which served weights newer than the
@@ -360,5 +336,5 @@ def test_killed_worker_resumes_with_the_same_remaining_prompts(sft_mixed, rl_dat
     # Each step trained on samples of the weight version an uninterrupted run would use:
     # after the resume, the samples in flight at the checkpoint (not new ones from the
     # checkpoint's weights), then requests at the re-synced checkpoint weights.
-    by_step = {r["step"]: r["staleness_max"] for r in _steps(config.run_dir)}
+    by_step = {r["step"]: r["staleness_max"] for r in step_rows(config.run_dir)}
     assert by_step == {s: float(min(s - 1, staleness)) for s in range(1, steps + 1)}, by_step

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from trainers.chat_templates import resolve as resolve_template
 from trainers.data.records import IGNORE_INDEX, Conversation, Example, Message, RawText
 from trainers.errors import UserError
 
@@ -95,7 +96,7 @@ def _encode_text(record: RawText, tokenizer) -> Example:
 def _render(messages: list[Message], tokenizer, chat_template: Optional[str], add_generation_prompt: bool) -> str:
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise UserError("the tokenizer has no chat template; set data.chat_template")
-    return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template,
+    return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=resolve_template(chat_template),
                                          add_generation_prompt=add_generation_prompt)
 
 

@@ -33,7 +33,7 @@ class Services:
 class Collector:
     def __init__(self, job, tokenizer, services: Services, worker):
         self.job, self.algo, self.services, self.worker = job, job.algo, services, worker
-        self.pad_id = tokenizer.pad_token_id
+        self.tokenizer, self.pad_id = tokenizer, tokenizer.pad_token_id
         self.episodes, self.in_flight = None, {}
         self.draw = None  # (step, round, count) -> prompt records, for dynamic sampling (set by the loop)
         if job.rollout.environment:
@@ -48,7 +48,14 @@ class Collector:
         """n generations per record: one response each, or one episode each with an environment."""
         if self.episodes is not None:
             return self.episodes.run(records, sampling)
-        return self.services.pool.generate([r.prompt_messages for r in records], sampling)
+        return self.services.pool.generate(self.prompts(records), sampling)
+
+    def prompts(self, records: list) -> list[list[int]]:
+        """The records' prompts rendered here, with the run's tokenizer and chat template
+        (`data.chat_template`), so the engines sample after exactly the tokens training sees."""
+        from rollout.inputs import prompt_ids
+
+        return [prompt_ids(self.tokenizer, r.prompt_messages) for r in records]
 
     def sampling(self, step: int) -> Sampling:
         """Seeded per step and rank: a resumed run samples what an uninterrupted one would."""
@@ -62,7 +69,7 @@ class Collector:
         if self.episodes is not None:
             self.in_flight[step] = self.episodes.submit(records, self.sampling(step))
             return step
-        return self.services.pool.submit([r.prompt_messages for r in records], self.sampling(step))
+        return self.services.pool.submit(self.prompts(records), self.sampling(step))
 
     def result(self, ticket: int) -> list:
         if self.episodes is not None:

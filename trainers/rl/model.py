@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trainers.transformers_compat import checkpoint_state
+
 
 POLICY_PREFIX = "policy."
 
@@ -79,8 +81,9 @@ def lora_scaling(policy) -> float:
 
 
 def engine_weights(strategy, is_main: bool, peft_method: str) -> dict | None:
-    """The policy's full weights as the engines load them, on rank 0 (None elsewhere).
-    A collective under ZeRO-3: every rank must call it."""
+    """The policy's full weights as the engines load them (the checkpoint layout, see
+    `trainers.transformers_compat`), on rank 0 (None elsewhere). A collective under
+    ZeRO-3: every rank must call it."""
     full = strategy.full_state_dict()
     if not is_main:
         return None
@@ -89,7 +92,8 @@ def engine_weights(strategy, is_main: bool, peft_method: str) -> dict | None:
     state = {k: v.detach().cpu() for k, v in state.items()}
     if peft_method == "lora":
         state = merge_lora(state, lora_scaling(module.policy))
-    return state
+    base = module.policy.get_base_model() if hasattr(module.policy, "get_base_model") else module.policy
+    return checkpoint_state(base, state)
 
 
 def engine_adapter(strategy, is_main: bool) -> tuple[dict, dict] | None:
