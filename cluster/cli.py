@@ -58,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "classification, preference, scored, prompt.")
     p.add_argument("file", help=".jsonl, .json, .csv, .parquet or a saved datasets directory")
     p.add_argument("--format", default="auto", help="row format (default: detect)")
-    p.add_argument("--purpose", default="sft",
-                   choices=["sft", "preference", "scored", "classification", "prompt"],
-                   help="what the data is for (decides which record type is expected)")
+    p.add_argument("--purpose", default="auto",
+                   choices=["auto", "sft", "preference", "scored", "classification", "prompt"],
+                   help="what the data is for (decides which record type is expected); auto: what the "
+                        "detected format is for (a prompt row -> prompt; give --purpose prompt to read a "
+                        "conversation file as RL prompts)")
     p.add_argument("--tokenizer", help="model directory whose tokenizer measures lengths")
     p.add_argument("--max-length", type=int, default=512, help="length above which a row counts as truncated")
     p.add_argument("--truncation-side", choices=["right", "left"], default="right")

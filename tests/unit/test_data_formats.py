@@ -82,6 +82,18 @@ def test_every_format_has_a_case():
     assert {c[1] for c in CASES} == set(FORMATS)
 
 
+@pytest.mark.parametrize("row,fmt,purpose", [(c[0], c[1], c[2]) for c in CASES if c[1] not in {"alpaca", "chat", "cot"}
+                                              or c[2] != "prompt"])
+def test_a_file_of_any_format_is_checked_without_naming_its_purpose(tmp_path, row, fmt, purpose):
+    """`rayft data check FILE` with no --purpose: the detected format says what the rows are
+    for (a conversation read as RL prompts still needs --purpose prompt)."""
+    from trainers.data import check_file
+
+    report = check_file(write_jsonl(tmp_path / "rows.jsonl", [row, row]))
+    assert (report["format"], report["purpose"], report["rows"]) == (fmt, purpose, 2)
+    assert load_records(tmp_path / "rows.jsonl", purpose="auto").purpose == purpose
+
+
 def test_unrecognised_row():
     with pytest.raises(RowError, match="no known format"):
         detect_format({"question": "?"})

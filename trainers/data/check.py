@@ -20,11 +20,11 @@ from trainers.data.render import encode, render_marked, truncate
 UNLIMITED = 1 << 62  # encode without cutting, to measure the true lengths
 
 
-def check_file(path: str | Path, tokenizer=None, fmt: str = "auto", purpose: str = "sft", max_length: int = 512,
+def check_file(path: str | Path, tokenizer=None, fmt: str = "auto", purpose: str = "auto", max_length: int = 512,
                truncation_side: str = "right", skip_bad_rows: bool = False, show: int = 0) -> dict:
     result = load_records(path, fmt=fmt, purpose=purpose, skip_bad_rows=skip_bad_rows)
     records = result.records
-    report = {"path": str(path), "format": result.format, "purpose": purpose, "rows": len(records),
+    report = {"path": str(path), "format": result.format, "purpose": result.purpose, "rows": len(records),
               "skipped": result.skipped, "errors": result.errors, "max_length": max_length,
               "token_stats": None, "truncated": None, "samples": []}
     if tokenizer is not None and all(isinstance(r, (Conversation, RawText)) for r in records):

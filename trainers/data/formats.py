@@ -199,6 +199,13 @@ def detect_format(row: dict) -> str:
                    f"expected e.g. instruction/output, messages, conversations, prompt/completion or text")
 
 
+def purpose_of(fmt: str) -> str:
+    """What rows of `fmt` are for when nobody says: the first purpose taking its record type
+    (conversations and text: sft; a bare prompt row: prompt)."""
+    gives = get_format(fmt).gives
+    return next(purpose for purpose, types in PURPOSES.items() if gives in types)
+
+
 def check_purpose(fmt: str, purpose: str) -> None:
     """A UserError when rows of `fmt` cannot feed `purpose` (e.g. plain text for DPO)."""
     if purpose not in PURPOSES:

@@ -1,7 +1,8 @@
 """Loading one data file into normalised records.
 
 `load_records` owns the file-level policy: the format is detected from the first valid
-row and then every row is parsed as that format; a malformed row stops the load with a
+row and then every row is parsed as that format (with purpose "auto", the format also
+decides what the rows are for: `formats.purpose_of`); a malformed row stops the load with a
 `DataError` naming file, line and field, unless the user asked to skip bad rows (then
 they are counted, and the first few messages kept for the report).
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from trainers.data.fields import RowError
-from trainers.data.formats import check_purpose, detect_format, get_format, parse_row
+from trainers.data.formats import check_purpose, detect_format, get_format, parse_row, purpose_of
 from trainers.data.readers import iter_rows
 from trainers.data.records import Record
 from trainers.errors import DataError, UserError
@@ -28,20 +29,23 @@ class LoadResult:
     records: list[Record]
     skipped: int = 0
     errors: list[str] = field(default_factory=list)  # the first few skipped rows' messages
+    purpose: str = "sft"  # what the records are for (the one asked, or the format's with "auto")
 
 
 def load_records(path: str | Path, fmt: str = "auto", purpose: str = "sft",
                  skip_bad_rows: bool = False, domain: Optional[str] = None) -> LoadResult:
-    """Read and normalise every row of `path` for `purpose`; `domain` overrides the rows' own."""
+    """Read and normalise every row of `path` for `purpose` ("auto": the detected format's
+    own); `domain` overrides the rows' own."""
     if fmt != "auto":
         fmt = get_format(fmt).name
+        purpose = purpose_of(fmt) if purpose == "auto" else purpose
         check_purpose(fmt, purpose)
-    result = LoadResult(str(path), fmt, [])
+    result = LoadResult(str(path), fmt, [], purpose=purpose)
     rows = 0
     for line, row in iter_rows(path):
         rows += 1
         try:
-            record = _parse(result, row, line, purpose)
+            record = _parse(result, row, line)
         except DataError as e:
             if not skip_bad_rows:
                 raise
@@ -59,8 +63,8 @@ def load_records(path: str | Path, fmt: str = "auto", purpose: str = "sft",
     return result
 
 
-def _parse(result: LoadResult, row, line: int, purpose: str) -> Record:
-    """Parse one row, fixing `result.format` on the first row that parses."""
+def _parse(result: LoadResult, row, line: int) -> Record:
+    """Parse one row, fixing `result.format` (and an "auto" purpose) on the first row that parses."""
     if isinstance(row, DataError):
         raise row
     fmt = result.format
@@ -69,7 +73,10 @@ def _parse(result: LoadResult, row, line: int, purpose: str) -> Record:
             fmt = detect_format(row)
         except RowError as e:
             raise DataError(result.path, line, e.message, e.field) from None
+        purpose = purpose_of(fmt) if result.purpose == "auto" else result.purpose
         check_purpose(fmt, purpose)
+    else:
+        purpose = result.purpose
     record = parse_row(fmt, row, result.path, line, purpose)
-    result.format = fmt
+    result.format, result.purpose = fmt, purpose
     return record
