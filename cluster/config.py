@@ -15,6 +15,7 @@ from trainers.config import (DataConfig, DPOConfig, FreezeConfig, ModelConfig, P
                               opt)
 from rollout.config import RolloutConfig
 from rollout.refs import absolute as absolute_ref
+from trainers.data.dataset_info import read_dataset_info
 from rollout.rewards import RewardSpec
 from cluster.config_core import (apply_override, config_help, dump_yaml, field_help, from_dict,  # noqa: F401
                                  read_config_file, set_key, to_dict)
@@ -189,8 +190,10 @@ def with_absolute_paths(config: JobConfig) -> JobConfig:
     config = from_dict(JobConfig, to_dict(config))
     config.output_dir = absolute(config.output_dir)
     config.model.path = trained_model(absolute(config.model.path))
-    for source in (*config.data.train, *config.data.eval):
-        source.path = absolute(source.path)
+    datasets = set(read_dataset_info(config.data.dataset_info)) if config.data.dataset_info else set()
+    for source in (*config.data.train, *config.data.eval, *config.data.replay):
+        source.path = source.path if source.path in datasets else absolute(source.path)
+    config.data.dataset_info = config.data.dataset_info and absolute(config.data.dataset_info)
     config.distill.teacher = trained_model(absolute(config.distill.teacher))
     config.rewards = config.rewards.with_absolute_paths()
     config.rollout.environment = absolute_ref(config.rollout.environment)

@@ -63,6 +63,8 @@ class DataConfig:
                                              "llama3, gemma, mistral, phi3) or the Jinja text.")
     skip_bad_rows: bool = opt(False, "Skip malformed rows (their count is reported) instead of stopping.")
     seed: int = opt(0, "Seed of the train/eval split and of mixing.")
+    dataset_info: Optional[str] = opt(None, "A LLaMA-Factory dataset_info.json: sources may then name its datasets "
+                                            "(their file, alpaca/sharegpt formatting, columns and tags are used).")
 
     def validate(self, section: str) -> None:
         if not self.train:
@@ -73,6 +75,8 @@ class DataConfig:
                 src.validate(f"{section}.{name}[{i}]")
         for i, src in enumerate(self.replay):
             src.validate(f"{section}.replay[{i}]")
+        if self.dataset_info:
+            self._check_dataset_names(section)
         if not 0.0 <= self.replay_ratio < 1.0:
             raise ConfigError(f"{section}.replay_ratio", f"must be in [0, 1), got {self.replay_ratio}")
         if bool(self.replay) != (self.replay_ratio > 0):
@@ -81,6 +85,25 @@ class DataConfig:
             raise ConfigError(f"{section}.eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         if self.max_length < 8:
             raise ConfigError(f"{section}.max_length", f"must be >= 8, got {self.max_length}")
+
+
+    def _check_dataset_names(self, section: str) -> None:
+        """Every source is a file or a dataset of `dataset_info` (read here, so a bad entry
+        fails at load time naming it)."""
+        from pathlib import Path
+
+        from trainers.data.dataset_info import read_dataset_info
+
+        datasets = read_dataset_info(self.dataset_info, key=f"{section}.dataset_info")
+        for name in ("train", "eval", "replay"):
+            for i, src in enumerate(getattr(self, name)):
+                if src.path in datasets:
+                    if src.format != "auto":
+                        raise ConfigError(f"{section}.{name}[{i}].format", "a dataset_info dataset has its own "
+                                                                           "formatting; leave format out")
+                elif not Path(src.path).exists():
+                    raise ConfigError(f"{section}.{name}[{i}].path", f"'{src.path}' is neither a file nor a "
+                                      f"dataset of {self.dataset_info} (it has: {', '.join(datasets)})")
 
 
 LORA_METHODS = ("lora", "dora", "qlora")

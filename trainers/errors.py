@@ -26,7 +26,7 @@ class DataError(UserError):
     """A data row is malformed. The message reads `FILE:LINE: field 'F': problem`."""
 
     def __init__(self, path: str, line: int | None, message: str, field: str | None = None):
-        self.path, self.line, self.field = str(path), line, field
+        self.path, self.line, self.field, self.problem = str(path), line, field, message
         where = f"{path}:{line}" if line is not None else str(path)
         what = f"field '{field}': {message}" if field else message
         super().__init__(f"{where}: {what}")

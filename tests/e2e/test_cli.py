@@ -12,7 +12,22 @@ def workspace(tmp_path_factory):
     ws = tmp_path_factory.mktemp("ws")
     rayft("init-model", "--preset", "tiny", "--out", ws / "models/tiny")
     rayft("data", "synth", "--task", "addition", "--n", "400", "--out", ws / "data/addition.jsonl")
+    write_dataset_info(ws / "data")
     return ws
+
+
+def write_dataset_info(root):
+    """A LLaMA-Factory style dataset_info.json: an alpaca and a sharegpt entry, own column names."""
+    qa = [{"question": f"What is {i} + 2?", "answer": str(i + 2)} for i in range(40)]
+    talks = [{"dialog": [{"speaker": "customer", "text": f"Say {i}."}, {"speaker": "agent", "text": str(i)}]}
+             for i in range(40)]
+    (root / "qa.json").write_text(json.dumps(qa))
+    (root / "talks.jsonl").write_text("".join(json.dumps(t) + "\n" for t in talks))
+    (root / "dataset_info.json").write_text(json.dumps({
+        "qa": {"file_name": "qa.json", "columns": {"prompt": "question", "response": "answer"}},
+        "talks": {"file_name": "talks.jsonl", "formatting": "sharegpt", "columns": {"messages": "dialog"},
+                  "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "customer",
+                           "assistant_tag": "agent"}}}))
 
 
 def test_help_on_every_command():
@@ -51,9 +66,12 @@ def test_bad_config_exits_2_naming_key(workspace):
 
 def test_train_from_cli_writes_run_dir(workspace):
     proc = rayft("train", ROOT / "examples/sft_lora.yaml", "name=cli", "train.max_steps=6",
-                 "train.eval_every=3", "train.save_every=3", "data.train=[data/addition.jsonl]", cwd=workspace)
+                 "train.eval_every=3", "train.save_every=3", "data.train=[data/addition.jsonl, qa, talks]",
+                 "data.dataset_info=data/dataset_info.json", cwd=workspace)
     run = workspace / "runs/cli"
     assert "run directory: runs/cli" in proc.stdout
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "report.html", "final/adapter_config.json"):
         assert (run / name).exists(), name
-    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6
+    assert summary["train_samples"] > 400  # 90% of each source: the file's 400 rows alone give 360

@@ -9,8 +9,10 @@ way: those trainers tokenise pairs and prompts their own way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 from trainers.config import DataConfig, DataSource
+from trainers.data.dataset_info import read_dataset_info
 from trainers.data.load import LoadResult, load_records
 from trainers.data.mixing import mix, split
 from trainers.data.packing import pack
@@ -27,6 +29,8 @@ class Datasets:
 
 
 def build_datasets(cfg: DataConfig, tokenizer, purpose: str = "sft") -> Datasets:
+    datasets = read_dataset_info(cfg.dataset_info) if cfg.dataset_info else {}
+    _load = partial(_load_source, datasets=datasets)
     loaded = [_load(src, cfg, purpose) for src in cfg.train]
     if cfg.eval:
         train_parts = [r.records for r in loaded]
@@ -79,9 +83,9 @@ def _mix_with_replay(groups: list, replay: list, ratio: float, seed: int) -> lis
     return mix(weighted, seed, total=round(main_total / (1 - ratio)))
 
 
-def _load(src: DataSource, cfg: DataConfig, purpose: str) -> LoadResult:
+def _load_source(src: DataSource, cfg: DataConfig, purpose: str, datasets: dict) -> LoadResult:
     return load_records(src.path, fmt=src.format, purpose=purpose, skip_bad_rows=cfg.skip_bad_rows,
-                        domain=src.domain)
+                        domain=src.domain, mapped=datasets.get(src.path))
 
 
 def _source_stats(result: LoadResult) -> dict:

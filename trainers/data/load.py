@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from trainers.data.dataset_info import InfoDataset
 from trainers.data.fields import RowError
 from trainers.data.formats import check_purpose, detect_format, get_format, parse_row, purpose_of
 from trainers.data.readers import iter_rows
@@ -33,9 +34,13 @@ class LoadResult:
 
 
 def load_records(path: str | Path, fmt: str = "auto", purpose: str = "sft",
-                 skip_bad_rows: bool = False, domain: Optional[str] = None) -> LoadResult:
+                 skip_bad_rows: bool = False, domain: Optional[str] = None,
+                 mapped: Optional[InfoDataset] = None) -> LoadResult:
     """Read and normalise every row of `path` for `purpose` ("auto": the detected format's
-    own); `domain` overrides the rows' own."""
+    own); `domain` overrides the rows' own. With `mapped` (a dataset_info.json entry) its
+    rows are mapped onto rayft's format first, and errors name the entry's own fields."""
+    if mapped is not None:
+        path, fmt = mapped.path, mapped.row_format
     if fmt != "auto":
         fmt = get_format(fmt).name
         purpose = purpose_of(fmt) if purpose == "auto" else purpose
@@ -45,10 +50,12 @@ def load_records(path: str | Path, fmt: str = "auto", purpose: str = "sft",
     for line, row in iter_rows(path):
         rows += 1
         try:
-            record = _parse(result, row, line)
+            record = _parse(result, _mapped_row(mapped, row, path, line), line)
         except DataError as e:
+            if mapped is not None and e.field:
+                e = DataError(e.path, e.line, e.problem, mapped.source_field(e.field))
             if not skip_bad_rows:
-                raise
+                raise e from None
             result.skipped += 1
             if len(result.errors) < MAX_ERRORS:
                 result.errors.append(str(e))
@@ -61,6 +68,15 @@ def load_records(path: str | Path, fmt: str = "auto", purpose: str = "sft",
     if not result.records:
         raise UserError(f"{path}: all {rows} rows are malformed; the first: {result.errors[0]}")
     return result
+
+
+def _mapped_row(mapped: Optional[InfoDataset], row, path, line: int):
+    if mapped is None or isinstance(row, DataError):
+        return row
+    try:
+        return mapped.to_row(row)
+    except RowError as e:
+        return DataError(path, line, e.message, e.field)
 
 
 def _parse(result: LoadResult, row, line: int) -> Record:
