@@ -85,3 +85,27 @@ def test_a_named_template_reaches_the_tokenizer_a_run_loads(tmp_path):
     assert load_tokenizer(path, chat_template="chatml").chat_template == TEMPLATES["chatml"].jinja
     with pytest.raises(ConfigError, match="data.chat_template"):
         load_tokenizer(path, chat_template="llama3")
+
+
+def test_a_named_template_renders_the_same_tokens_for_training_rollout_and_a_saved_model(tmp_path):
+    """Training encodes the conversation, an RL run renders the prompt with the run's tokenizer
+    (`rollout.inputs.prompt_ids`, as the Collector does), and the final model directory keeps
+    the template for `rayft serve`: all three agree token for token."""
+    from transformers import AutoTokenizer
+
+    from rollout.inputs import prompt_ids
+    from trainers.data.records import Conversation
+    from trainers.data.render import encode, encode_prompt
+
+    path = build_model("tiny", tmp_path / "qwen3", arch="qwen3")
+    run_tokenizer = load_tokenizer(path, chat_template="chatml")  # the family's own is qwen
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    trained = encode(Conversation(messages + [{"role": "assistant", "content": "5"}]), run_tokenizer, 64,
+                     chat_template="chatml")
+    rollout = prompt_ids(run_tokenizer, messages)
+    assert rollout == encode_prompt(messages, run_tokenizer, "chatml") == trained.input_ids[:len(rollout)]
+    assert trained.labels[len(rollout) - 1] == -100 and trained.labels[len(rollout)] != -100
+    run_tokenizer.save_pretrained(tmp_path / "final")
+    served = AutoTokenizer.from_pretrained(tmp_path / "final")
+    assert prompt_ids(served, messages) == rollout
+    assert prompt_ids(load_tokenizer(path), messages) != rollout  # the override did change the rendering
