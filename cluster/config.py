@@ -16,6 +16,7 @@ from trainers.config import (DataConfig, DPOConfig, FreezeConfig, ModelConfig, P
 from rollout.config import RolloutConfig
 from rollout.refs import absolute as absolute_ref
 from trainers.data.dataset_info import read_dataset_info
+from trainers.models import routed_experts
 from rollout.rewards import RewardSpec
 from cluster.config_core import (apply_override, config_help, dump_yaml, field_help, from_dict,  # noqa: F401
                                  read_config_file, set_key, to_dict)
@@ -123,6 +124,10 @@ class JobConfig:
             if peft not in ("none", "lora"):
                 raise ConfigError("peft.method", f"method {self.method} syncs weights to the rollout engines, "
                                                   f"which serve full weights or LoRA; got {peft}")
+            if self.rollout.engine == "hf" and not self.adapter_sync and routed_experts(self.model.path):
+                raise ConfigError("rollout.engine", "the transformers engine cannot load weight syncs of an MoE "
+                                                    "model (its experts are fused in memory, syncs travel per "
+                                                    "expert); use rollout.engine: vllm")
             if self.rollout.lora_sync == "adapter" and peft != "lora":
                 raise ConfigError("rollout.lora_sync", f"adapter syncs a LoRA adapter; peft.method is {peft}")
             if self.data.packing:

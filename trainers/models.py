@@ -175,6 +175,19 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: 
         use_safetensors=True, attn_implementation=attn_implementation, **load_kwargs)
 
 
+def routed_experts(path: str | Path) -> int:
+    """The number of routed experts per MoE layer of the model in `path` (or in a run
+    directory's final/), read from its config.json; 0 for a dense model or no config."""
+    import json
+
+    for config in (Path(path) / "config.json", Path(path) / "final" / "config.json"):
+        if config.is_file():
+            settings = json.loads(config.read_text())
+            text = settings.get("text_config") or settings
+            return max(int(text.get(key) or 0) for key in ("num_experts", "num_local_experts", "n_routed_experts"))
+    return 0
+
+
 def resolve_dtype(dtype: str, use_gpu: bool) -> str:
     if dtype != "auto":
         return dtype

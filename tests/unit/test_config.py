@@ -107,6 +107,15 @@ def test_rl_settings_that_cannot_work_name_their_key(overrides, key):
         load_config(None, ["model.path=m", "data.train=d.jsonl", *overrides], "t")
 
 
+def test_an_moe_model_is_refused_the_transformers_engine_for_weight_syncs(tmp_path):
+    (tmp_path / "moe").mkdir()
+    (tmp_path / "moe" / "config.json").write_text('{"model_type": "qwen3_moe", "num_experts": 4}')
+    rl = [f"model.path={tmp_path / 'moe'}", "data.train=d.jsonl", "method=grpo", "rewards.rewards=[{fn: exact_match}]"]
+    with pytest.raises(ConfigError, match="'rollout.engine'.*MoE"):
+        load_config(None, [*rl, "rollout.engine=hf"], "t")
+    assert load_config(None, [*rl, "rollout.engine=vllm"], "t").rollout.engine == "vllm"
+
+
 def test_a_lora_policy_syncs_its_adapter_to_engines_with_lora_slots_of_its_rank():
     rl = ["model.path=m", "data.train=d.jsonl", "method=grpo", "rewards.rewards=[{fn: exact_match}]"]
     lora = load_config(None, [*rl, "peft.method=lora", "peft.r=24"], "t")
