@@ -107,6 +107,9 @@ class JobConfig:
         if peft in ("prefix", "prompt") and self.data.packing:
             raise ConfigError("data.packing", f"cannot be used with peft.method {peft} "
                                               "(virtual tokens need the 2D padding mask)")
+        if self.data.streaming and self.spec.data(self) != "sft":
+            raise ConfigError("data.streaming", f"streams SFT-style data (methods sft, cpt, offline distill); "
+                                                f"method {self.method} reads its {self.spec.data(self)} data in memory")
         if self.freeze.mode == "gradual" and strategy != "ddp":
             raise ConfigError("freeze.mode", "gradual unfreezing changes trainable parameters mid-run "
                                              "and needs cluster.strategy ddp")

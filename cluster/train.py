@@ -33,7 +33,11 @@ def run_training(config: JobConfig, echo=print, pool=None) -> dict:
     run_dir = config.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code, config.data.chat_template)
-    datasets = build_datasets(config.data, tokenizer, purpose=spec.data(config))
+    cluster = config.cluster
+    extra_cpus = actor_cpus(config) if config.uses_rollouts else 0.0
+    if config.data.streaming:  # the data is tokenised on the cluster
+        ensure_ray(cluster.address, num_cpus=cluster.num_workers * cluster.cpus_per_worker + extra_cpus)
+    datasets = build_datasets(config.data, tokenizer, purpose=spec.data(config), stream_dir=run_dir / "data")
     # Method-specific checks and encoding fail here, on the driver, not in a worker.
     method_kwargs = spec.prepare(config, datasets, tokenizer) if spec.prepare else {}
     _echo_data(datasets.stats, echo)
@@ -47,8 +51,6 @@ def run_training(config: JobConfig, echo=print, pool=None) -> dict:
 
     import ray
 
-    cluster = config.cluster
-    extra_cpus = actor_cpus(config) if config.uses_rollouts else 0.0
     ensure_ray(cluster.address, num_cpus=cluster.num_workers * cluster.cpus_per_worker + extra_cpus)
     use_gpu = cluster.device == "cuda" or (cluster.device == "auto" and cluster_has_gpus())
     loop_config = {"job": config, "datasets": ray.put(datasets), "use_gpu": use_gpu}

@@ -63,6 +63,8 @@ class DataConfig:
                                              "llama3, gemma, mistral, phi3) or the Jinja text.")
     skip_bad_rows: bool = opt(False, "Skip malformed rows (their count is reported) instead of stopping.")
     seed: int = opt(0, "Seed of the train/eval split and of mixing.")
+    streaming: bool = opt(False, "Read, validate and tokenise with Ray Data across the cluster into memory-mapped "
+                                 "files under the run directory (data larger than memory; sft, cpt, offline distill).")
     dataset_info: Optional[str] = opt(None, "A LLaMA-Factory dataset_info.json: sources may then name its datasets "
                                             "(their file, alpaca/sharegpt formatting, columns and tags are used).")
 

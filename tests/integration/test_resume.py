@@ -1,5 +1,7 @@
 """Exact resume: a SIGKILLed training worker process is replaced and the run continues
-from the last complete checkpoint with the same losses, dropout on; re-running a finished
+from the last complete checkpoint with the same losses, dropout on, its data streamed
+(`data.streaming`: tokenised by Ray Data, read by the workers from the run directory)
+where the uninterrupted run's is held in memory; re-running a finished
 run continues it only with its own step plan unless told otherwise; gradient accumulation
 and worker count do not change the update."""
 
@@ -18,7 +20,9 @@ from trainers.errors import UserError
 
 def _config(tmp_path, model_dir, data, name, *extra):
     return load_config(None, [
-        f"model.path={model_dir}", f"data.train=[{data}]", "data.max_length=48", f"output_dir={tmp_path}",
+        # An explicit eval set: streamed and in-memory builds then hold the same samples in
+        # the same order (their held-out splits differ).
+        f"model.path={model_dir}", f"data.train=[{data}]", f"data.eval=[{data}]", "data.max_length=48", f"output_dir={tmp_path}",
         f"name={name}", "train.batch_size=8", "train.lr=1e-3", "train.eval_every=10", "train.eval_batches=2",
         "cluster.num_workers=2", *extra])
 
@@ -43,7 +47,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, dropout_model_d
     plain = _config(tmp_path, dropout_model_dir, addition_data, "plain", *steps)
     run_training(plain, echo=lambda *_: None)
 
-    crash = _config(tmp_path, dropout_model_dir, addition_data, "crash", *steps)
+    crash = _config(tmp_path, dropout_model_dir, addition_data, "crash", *steps, "data.streaming=true")
     with kill_a_worker_after_checkpoint(crash.run_dir, 5) as killed:
         summary = run_training(crash, echo=lambda *_: None)
     assert killed, "no worker was killed"
@@ -52,11 +56,11 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, dropout_model_d
     resumes = [r for r in rows if r.get("event") == "resume"]
     assert resumes and resumes[0]["step"] in (5, 10, 15), resumes
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 21))  # one uninterrupted-looking log
-    assert summary["steps"] == 20
+    assert summary["steps"] == 20 and (crash.run_dir / "data").is_dir()
     plain_rows = {r["step"]: r for r in _metrics(plain.run_dir) if "loss" in r}
     crash_rows = {r["step"]: r for r in rows if "loss" in r}
-    # Every step after the resume trained on the same batches with the same dropout masks.
-    for step in range(resumes[0]["step"] + 1, 21):
+    # Every step trained on the same batches; after the resume, with the same dropout masks.
+    for step in range(1, 21):
         assert crash_rows[step]["loss"] == pytest.approx(plain_rows[step]["loss"], rel=1e-5), step
     assert crash_rows[20]["eval_loss"] == pytest.approx(plain_rows[20]["eval_loss"], rel=1e-5)
     # Other dropout masks move a step's loss by ten times that tolerance even at the random

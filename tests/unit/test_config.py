@@ -84,6 +84,8 @@ def test_every_key_has_help():
     (["cluster.strategy=zero2", "cluster.offload_params=true"], "cluster.offload_params"),
     (["train.early_stopping_patience=2"], "train.eval_every"),
     (["data.replay_ratio=0.2"], "data.replay_ratio"),
+    (["method=dpo", "data.streaming=true"], "data.streaming"),
+    (["method=grpo", "data.streaming=true", "rewards.rewards=[{fn: exact_match}]"], "data.streaming"),
 ])
 def test_invalid_combinations_name_a_key(overrides, key):
     with pytest.raises(ConfigError) as err:

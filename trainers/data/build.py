@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
+from typing import Optional
 
 from trainers.config import DataConfig, DataSource
 from trainers.data.dataset_info import read_dataset_info
 from trainers.data.load import LoadResult, load_records
-from trainers.data.mixing import mix, split
+from trainers.data.mixing import mix_with_replay, split
 from trainers.data.packing import pack
-from trainers.data.records import IGNORE_INDEX, Example
-from trainers.data.render import encode
+from trainers.data.records import IGNORE_INDEX
+from trainers.data.render import encode_records
 from trainers.errors import UserError
 
 
@@ -28,7 +30,15 @@ class Datasets:
     stats: dict = field(default_factory=dict)
 
 
-def build_datasets(cfg: DataConfig, tokenizer, purpose: str = "sft") -> Datasets:
+def build_datasets(cfg: DataConfig, tokenizer, purpose: str = "sft", stream_dir: Optional[Path] = None) -> Datasets:
+    """The train and eval sets of `cfg`; with `cfg.streaming`, tokenised by Ray Data into
+    `stream_dir` (`trainers.data.streaming`) instead of in this process's memory."""
+    if cfg.streaming:
+        from trainers.data.streaming import build_streamed
+
+        if stream_dir is None or purpose != "sft":
+            raise ValueError("streaming builds SFT-style data into a directory (stream_dir)")
+        return build_streamed(cfg, tokenizer, stream_dir)
     datasets = read_dataset_info(cfg.dataset_info) if cfg.dataset_info else {}
     _load = partial(_load_source, datasets=datasets)
     loaded = [_load(src, cfg, purpose) for src in cfg.train]
@@ -48,20 +58,20 @@ def build_datasets(cfg: DataConfig, tokenizer, purpose: str = "sft") -> Datasets
     replay_parts = [r.records for r in replay_loaded]
     replay_weights = [src.weight for src in cfg.replay]
     if purpose != "sft":
-        train = _mix_with_replay(list(zip(train_parts, weights)), list(zip(replay_parts, replay_weights)),
+        train = mix_with_replay(list(zip(train_parts, weights)), list(zip(replay_parts, replay_weights)),
                                  cfg.replay_ratio, cfg.seed)
         stats.update(train_samples=len(train), eval_samples=len(eval_records))
         return Datasets(train, eval_records, stats)
 
     counts = {"truncated": 0, "dropped_no_labels": 0}
-    train_groups = [(_encode_all(part, tokenizer, cfg, counts), w) for part, w in zip(train_parts, weights)]
+    train_groups = [(encode_records(part, tokenizer, cfg, counts), w) for part, w in zip(train_parts, weights)]
     if not any(group for group, _ in train_groups):
         raise UserError("no training samples left: every one lost all its answer tokens to truncation "
                         f"(max_length {cfg.max_length}, truncation_side {cfg.truncation_side})")
-    replay_groups = [(_encode_all(part, tokenizer, cfg, counts), w) for part, w in zip(replay_parts, replay_weights)]
-    train = _mix_with_replay([(g, w) for g, w in train_groups if g], [(g, w) for g, w in replay_groups if g],
+    replay_groups = [(encode_records(part, tokenizer, cfg, counts), w) for part, w in zip(replay_parts, replay_weights)]
+    train = mix_with_replay([(g, w) for g, w in train_groups if g], [(g, w) for g, w in replay_groups if g],
                              cfg.replay_ratio, cfg.seed)
-    eval_examples = _encode_all(eval_records, tokenizer, cfg, counts)
+    eval_examples = encode_records(eval_records, tokenizer, cfg, counts)
     stats.update(train_samples=len(train), eval_samples=len(eval_examples), **counts,
                  train_tokens=sum(len(e.input_ids) for e in train),
                  trained_tokens=sum(sum(label != IGNORE_INDEX for label in e.labels) for e in train))
@@ -69,18 +79,6 @@ def build_datasets(cfg: DataConfig, tokenizer, purpose: str = "sft") -> Datasets
         train, eval_examples = pack(train, cfg.max_length), pack(eval_examples, cfg.max_length)
     stats.update(train_sequences=len(train), eval_sequences=len(eval_examples))
     return Datasets(train, eval_examples, stats)
-
-
-def _mix_with_replay(groups: list, replay: list, ratio: float, seed: int) -> list:
-    """Mix the training groups by weight; with replay, the replay groups make up `ratio`
-    of the result and the training groups keep all their rows (the epoch grows)."""
-    if not replay or ratio <= 0:
-        return mix(groups, seed)
-    main_total = sum(len(items) for items, _ in groups)
-    main_weight, replay_weight = sum(w for _, w in groups), sum(w for _, w in replay)
-    weighted = ([(items, w / main_weight * (1 - ratio)) for items, w in groups]
-                + [(items, w / replay_weight * ratio) for items, w in replay])
-    return mix(weighted, seed, total=round(main_total / (1 - ratio)))
 
 
 def _load_source(src: DataSource, cfg: DataConfig, purpose: str, datasets: dict) -> LoadResult:
@@ -91,17 +89,3 @@ def _load_source(src: DataSource, cfg: DataConfig, purpose: str, datasets: dict)
 def _source_stats(result: LoadResult) -> dict:
     return {"path": result.path, "format": result.format, "rows": len(result.records),
             "skipped": result.skipped, "errors": result.errors}
-
-
-def _encode_all(records: list, tokenizer, cfg: DataConfig, counts: dict) -> list[Example]:
-    """Encoded records; ones left with no trained token (cut away by truncation) are
-    dropped and counted, since a batch of them has no loss to take."""
-    examples = []
-    for record in records:
-        example = encode(record, tokenizer, cfg.max_length, cfg.truncation_side, chat_template=cfg.chat_template)
-        counts["truncated"] += example.truncated
-        if all(label == IGNORE_INDEX for label in example.labels):
-            counts["dropped_no_labels"] += 1
-            continue
-        examples.append(example)
-    return examples

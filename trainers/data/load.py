@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from trainers.data.dataset_info import InfoDataset
 from trainers.data.fields import RowError
@@ -31,6 +31,7 @@ class LoadResult:
     skipped: int = 0
     errors: list[str] = field(default_factory=list)  # the first few skipped rows' messages
     purpose: str = "sft"  # what the records are for (the one asked, or the format's with "auto")
+    rows: int = 0  # rows read, good and bad
 
 
 def load_records(path: str | Path, fmt: str = "auto", purpose: str = "sft",
@@ -39,18 +40,32 @@ def load_records(path: str | Path, fmt: str = "auto", purpose: str = "sft",
     """Read and normalise every row of `path` for `purpose` ("auto": the detected format's
     own); `domain` overrides the rows' own. With `mapped` (a dataset_info.json entry) its
     rows are mapped onto rayft's format first, and errors name the entry's own fields."""
+    result = new_result(path, fmt, purpose, mapped)
+    result.records = list(parse_rows(result, iter_rows(result.path), skip_bad_rows, domain, mapped))
+    check_loaded(result.path, result.rows, len(result.records), result.errors)
+    return result
+
+
+def new_result(path: str | Path, fmt: str, purpose: str, mapped: Optional[InfoDataset] = None) -> LoadResult:
+    """An empty result for `path` (the mapped dataset's file) with its format resolved and
+    checked against `purpose` when it is given."""
     if mapped is not None:
         path, fmt = mapped.path, mapped.row_format
     if fmt != "auto":
         fmt = get_format(fmt).name
         purpose = purpose_of(fmt) if purpose == "auto" else purpose
         check_purpose(fmt, purpose)
-    result = LoadResult(str(path), fmt, [], purpose=purpose)
-    rows = 0
-    for line, row in iter_rows(path):
-        rows += 1
+    return LoadResult(str(path), fmt, [], purpose=purpose)
+
+
+def parse_rows(result: LoadResult, rows, skip_bad_rows: bool = False, domain: Optional[str] = None,
+               mapped: Optional[InfoDataset] = None) -> Iterator[Record]:
+    """The records of `rows` ((line, row) pairs of `result.path`), counting rows and skipped
+    ones into `result` and fixing its format on the first row that parses."""
+    for line, row in rows:
+        result.rows += 1
         try:
-            record = _parse(result, _mapped_row(mapped, row, path, line), line)
+            record = _parse(result, _mapped_row(mapped, row, result.path, line), line)
         except DataError as e:
             if mapped is not None and e.field:
                 e = DataError(e.path, e.line, e.problem, mapped.source_field(e.field))
@@ -62,12 +77,15 @@ def load_records(path: str | Path, fmt: str = "auto", purpose: str = "sft",
             continue
         if domain is not None and hasattr(record, "domain"):
             record.domain = domain
-        result.records.append(record)
+        yield record
+
+
+def check_loaded(path: str, rows: int, kept: int, errors: list[str]) -> None:
+    """A file must hold rows, and at least one of them well-formed."""
     if rows == 0:
         raise UserError(f"{path}: no rows (the file is empty)")
-    if not result.records:
-        raise UserError(f"{path}: all {rows} rows are malformed; the first: {result.errors[0]}")
-    return result
+    if not kept:
+        raise UserError(f"{path}: all {rows} rows are malformed; the first: {errors[0]}")
 
 
 def _mapped_row(mapped: Optional[InfoDataset], row, path, line: int):

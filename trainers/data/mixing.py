@@ -52,3 +52,20 @@ def mix(groups: list[tuple[Sequence[T], float]], seed: int, total: Optional[int]
         mixed += list(items) * copies + rng.sample(list(items), rest)
     rng.shuffle(mixed)
     return mixed
+
+
+def mix_with_replay(groups: list, replay: list, ratio: float, seed: int) -> list:
+    """Mix the training groups by weight; with replay, the replay groups make up `ratio`
+    of the result and the training groups keep all their rows (the epoch grows)."""
+    if not replay or ratio <= 0:
+        return mix(groups, seed)
+    main_total = sum(len(items) for items, _ in groups)
+    main_weight, replay_weight = sum(w for _, w in groups), sum(w for _, w in replay)
+    weighted = ([(items, w / main_weight * (1 - ratio)) for items, w in groups]
+                + [(items, w / replay_weight * ratio) for items, w in replay])
+    return mix(weighted, seed, total=mixed_total(main_total, ratio))
+
+
+def mixed_total(main_total: int, replay_ratio: float) -> int:
+    """Items in an epoch of `main_total` training items with `replay_ratio` replayed on top."""
+    return round(main_total / (1 - replay_ratio)) if replay_ratio > 0 else main_total

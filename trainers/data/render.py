@@ -29,6 +29,21 @@ def encode(record: Conversation | RawText, tokenizer, max_length: int, truncatio
     return truncate(example, max_length, truncation_side)
 
 
+def encode_records(records, tokenizer, cfg, counts: dict) -> list[Example]:
+    """`records` encoded as `cfg` (a DataConfig) says; ones left with no trained token (cut
+    away by truncation) are dropped and counted in `counts` ("truncated",
+    "dropped_no_labels"), since a batch of them has no loss to take."""
+    examples = []
+    for record in records:
+        example = encode(record, tokenizer, cfg.max_length, cfg.truncation_side, chat_template=cfg.chat_template)
+        counts["truncated"] += example.truncated
+        if all(label == IGNORE_INDEX for label in example.labels):
+            counts["dropped_no_labels"] += 1
+            continue
+        examples.append(example)
+    return examples
+
+
 def truncate(example: Example, max_length: int, side: str = "right") -> Example:
     """Keep `max_length` tokens: the start (side "right" cuts the end) or the end ("left")."""
     if side not in ("right", "left"):
