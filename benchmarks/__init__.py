@@ -7,6 +7,7 @@ use instead) on the same model, data and machine in one invocation, and reports 
     python -m benchmarks rollout          # vLLM pool vs transformers generate, weight sync
     python -m benchmarks grpo             # GRPO steps/min vs TRL's GRPOTrainer
     python -m benchmarks serve            # rayft serve vs vllm serve under concurrent clients
+    python -m benchmarks data             # data prep rows/s and driver memory: streaming, in memory, datasets map
     python -m benchmarks all
 
 Run them with .venv-bench/bin/python (TRL lives there, not in rayft's dependencies).

@@ -32,7 +32,7 @@ def bench_model(preset: str = "bench", pretrain_steps: int = 0) -> Path:
 
 
 # Every workload, in the order `python -m benchmarks all` runs them and the table lists them.
-WORKLOADS = ("sft", "dpo", "rollout", "grpo", "serve")
+WORKLOADS = ("sft", "dpo", "rollout", "grpo", "serve", "data")
 
 
 def cpu_model() -> str:

@@ -104,7 +104,10 @@ def sample_length(sample) -> int | None:
 
 
 def length_table(samples: list) -> list[int] | None:
-    """Every sample's length, or None if any is unknown (then no grouping)."""
+    """Every sample's length, or None if any is unknown (then no grouping). A sequence
+    that knows its lengths without reading its samples (`streaming.ArrowExamples`) says so."""
+    if hasattr(samples, "lengths"):
+        return samples.lengths()
     lengths = [sample_length(s) for s in samples]
     return None if any(n is None for n in lengths) else lengths
 
