@@ -72,7 +72,7 @@ def test_a_malformed_row_names_the_entrys_own_field(info, tiny_tokenizer):
     ({"file_name": "x.json", "formatting": "openai"}, "data.dataset_info[bad].formatting"),
     ({"file_name": "x.json", "columns": {"question": "q"}}, "data.dataset_info[bad].columns.question"),
     ({"file_name": "x.json", "formatting": "sharegpt", "tags": {"speaker": "s"}}, "data.dataset_info[bad].tags.speaker"),
-    ({"file_name": "x.json", "ranking": True}, "data.dataset_info[bad].ranking"),
+    ({"file_name": "x.json", "columns": {"chosen": "good"}}, "data.dataset_info[bad].columns.chosen"),
 ])
 def test_a_bad_entry_is_a_config_error_naming_it(info, entry, key):
     info.write_text(json.dumps({**INFO, "bad": entry}))
@@ -83,3 +83,39 @@ def test_a_bad_entry_is_a_config_error_naming_it(info, entry, key):
 def test_a_source_that_is_neither_file_nor_dataset_is_named(info):
     with pytest.raises(ConfigError, match=r"data.train\[1\].path.*'qaa' is neither a file nor a dataset.*qa, talks"):
         config(info, "qa", "qaa")
+
+
+def test_ranking_entries_are_the_preference_pairs_of_rayfts_own_rows(info, tmp_path, tiny_tokenizer):
+    """LLaMA-Factory's `ranking: true`: alpaca with chosen / rejected text columns, sharegpt
+    with a prompt conversation and chosen / rejected turns; read for dpo, a bad pair names
+    the entry's own column."""
+    from trainers.data.load import load_records
+
+    entries = {"pairs": {"file_name": "pairs.jsonl", "ranking": True,
+                         "columns": {"prompt": "q", "system": "persona", "chosen": "good", "rejected": "bad"}},
+               "talk_pairs": {"file_name": "talk_pairs.jsonl", "ranking": True, "formatting": "sharegpt",
+                              "columns": {"messages": "dialog"},
+                              "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "customer",
+                                       "assistant_tag": "agent"}}}
+    info.write_text(json.dumps({**INFO, **entries}))
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"q": "What is 2 + 3?", "persona": "Be brief.", "good": "5",
+                                                      "bad": "6"}) + "\n")
+    (tmp_path / "talk_pairs.jsonl").write_text(json.dumps({
+        "dialog": [{"speaker": "customer", "text": "Hi"}, {"speaker": "agent", "text": "Hey"},
+                   {"speaker": "customer", "text": "Bye?"}],
+        "chosen": {"speaker": "agent", "text": "Goodbye!"}, "rejected": {"speaker": "agent", "text": "No."}}) + "\n")
+    ours = tmp_path / "ours.jsonl"
+    ours.write_text(json.dumps({"prompt": [{"role": "system", "content": "Be brief."},
+                                           {"role": "user", "content": "What is 2 + 3?"}], "chosen": "5", "rejected": "6"})
+                    + "\n" + json.dumps({"prompt": [{"role": "user", "content": "Hi"},
+                                                     {"role": "assistant", "content": "Hey"},
+                                                     {"role": "user", "content": "Bye?"}],
+                                          "chosen": "Goodbye!", "rejected": "No."}) + "\n")
+    cfg = config(info, "pairs", "talk_pairs")
+    def pairs(records):
+        return sorted((repr(r.prompt_messages), r.chosen, r.rejected) for r in records)
+    got = build_datasets(cfg, tiny_tokenizer, purpose="preference").train
+    assert len(got) == 2 and pairs(got) == pairs(load_records(ours, purpose="preference").records)
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"q": "What is 2 + 3?", "good": "5"}) + "\n")
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: field 'bad': is missing"):
+        build_datasets(config(info, "pairs"), tiny_tokenizer, purpose="preference")

@@ -6,7 +6,9 @@ default, or `sharegpt`), `columns` (its field names for ours) and, for sharegpt,
 (the role and content keys of a turn and the role names) are honoured: each row is mapped
 onto rayft's own alpaca or chat row before it is parsed, so a malformed row still names
 file, line and the user's own field. Entries of a hub, script or cloud source are refused
-(rayft reads local files only), as is `ranking: true` (preference data), not mapped yet.
+(rayft reads local files only). A `ranking: true` entry is preference data (for dpo and
+rm): alpaca's `chosen` / `rejected` columns hold the two answers as text, sharegpt's the two
+answer turns after the prompt's `conversations`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from trainers.errors import ConfigError
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
                   "history": "history"}
 SHAREGPT_DEFAULTS = {"messages": "conversations", "system": None, "tools": None}
+RANKING_COLUMNS = {"chosen": "chosen", "rejected": "rejected"}
 TAG_DEFAULTS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 ROLE_OF_TAG = {"user_tag": "user", "assistant_tag": "assistant", "observation_tag": "tool",
@@ -37,14 +40,20 @@ class InfoDataset:
     formatting: str                          # alpaca | sharegpt
     columns: dict = field(default_factory=dict)
     tags: dict = field(default_factory=dict)
+    ranking: bool = False  # preference pairs
 
     @property
     def row_format(self) -> str:
         """The rayft format its mapped rows have."""
+        if self.ranking:
+            return "preference"
         return "alpaca" if self.formatting == "alpaca" else "chat"
 
     def to_row(self, row: dict) -> dict:
-        """One of its rows as a rayft alpaca or chat row; a RowError names the user's field."""
+        """One of its rows as a rayft alpaca, chat or preference row; a RowError names the
+        user's field."""
+        if self.ranking:
+            return self._preference_row(row)
         if self.formatting == "alpaca":
             out = {ours: row[theirs] for theirs, ours in
                    ((self.columns.get(col, ours), ours) for col, ours in ALPACA_COLUMNS.items()) if theirs in row}
@@ -55,6 +64,11 @@ class InfoDataset:
         """The user's name for a field of the mapped row (for error messages)."""
         if not ours:
             return ours
+        if self.ranking and ours.split("[")[0] in RANKING_COLUMNS:
+            head, dot, rest = ours.partition("[")
+            return self.columns.get(head, head) + dot + rest
+        if self.ranking and ours.startswith("prompt"):
+            ours = "messages" + ours[len("prompt"):]
         if self.formatting == "alpaca":
             theirs = {v: self.columns.get(k, v) for k, v in ALPACA_COLUMNS.items()}
             head, dot, rest = ours.partition("[")
@@ -65,6 +79,38 @@ class InfoDataset:
         if ours.startswith("messages"):
             ours = columns["messages"] + ours[len("messages"):]
         return ours.replace(".role", "." + tags["role_tag"]).replace(".content", "." + tags["content_tag"])
+
+    def _preference_row(self, row: dict) -> dict:
+        """Prompt turns (alpaca: system, history and instruction + input; sharegpt: the
+        mapped conversation) and the two answers as text."""
+        answers = {}
+        for ours in RANKING_COLUMNS:
+            theirs = self.columns.get(ours, ours)
+            value = row.get(theirs)
+            if self.formatting == "sharegpt" and isinstance(value, dict):
+                value = value.get({**TAG_DEFAULTS, **self.tags}["content_tag"])
+            if value is None:
+                raise RowError("is missing", theirs)
+            answers[ours] = value
+        if self.formatting == "sharegpt":
+            prompt = self._chat_row(row)
+            messages = ([{"role": "system", "content": prompt["system"]}] if "system" in prompt else []) + prompt["messages"]
+        else:
+            messages = self._alpaca_prompt(row)
+        return {"prompt": messages, **answers}
+
+    def _alpaca_prompt(self, row: dict) -> list[dict]:
+        columns = {col: self.columns.get(col, ours) for col, ours in ALPACA_COLUMNS.items()}
+        instruction = row.get(columns["prompt"])
+        if not isinstance(instruction, str):
+            raise RowError("is missing" if instruction is None else "must be a string", columns["prompt"])
+        query = row.get(columns["query"])
+        messages = [{"role": "system", "content": row[columns["system"]]}] if row.get(columns["system"]) else []
+        for i, pair in enumerate(row.get(columns["history"]) or []):
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise RowError("must be a [question, answer] pair", f"{columns['history']}[{i}]")
+            messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        return messages + [{"role": "user", "content": instruction + (f"\n{query}" if query else "")}]
 
     def _chat_row(self, row: dict) -> dict:
         columns, tags = {**SHAREGPT_DEFAULTS, **self.columns}, {**TAG_DEFAULTS, **self.tags}
@@ -114,19 +160,17 @@ def _entry(name: str, entry, root: Path, key: str) -> InfoDataset:
     formatting = entry.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt"):
         raise ConfigError(f"{key}.formatting", f"must be alpaca or sharegpt, got {formatting!r}")
-    if entry.get("ranking"):
-        raise ConfigError(f"{key}.ranking", "preference (ranking) entries are not supported yet; "
-                                            "give the file itself as a preference source")
     for part in ("columns", "tags"):
         if not isinstance(entry.get(part, {}), dict):
             raise ConfigError(f"{key}.{part}", "must be an object")
     unknown = sorted(set(entry.get("tags", {})) - set(TAG_DEFAULTS))
     if unknown:
         raise ConfigError(f"{key}.tags.{unknown[0]}", f"unknown tag; known: {', '.join(TAG_DEFAULTS)}")
-    known = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_DEFAULTS
+    known = {**(ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_DEFAULTS),
+             **(RANKING_COLUMNS if entry.get("ranking") else {})}
     unknown = sorted(set(entry.get("columns", {})) - set(known))
     if unknown:
         raise ConfigError(f"{key}.columns.{unknown[0]}", f"not a {formatting} column; known: {', '.join(known)}")
     return InfoDataset(name, str(root / entry["file_name"]), formatting, dict(entry.get("columns", {})),
-                       dict(entry.get("tags", {})))
+                       dict(entry.get("tags", {})), ranking=bool(entry.get("ranking")))
 
