@@ -114,6 +114,12 @@ def test_a_bad_row_in_a_later_piece_names_file_line_and_field(sources, tiny_toke
     assert not (tmp_path / "data").exists() and not list(tmp_path.glob("data.partial-*"))
     skipped = streamed(DataConfig(**{**cfg.__dict__, "skip_bad_rows": True}), tiny_tokenizer, tmp_path / "data")
     assert skipped.stats["sources"][0]["skipped"] == 1 and "chat.jsonl:251: field" in skipped.stats["sources"][0]["errors"][0]
+    kept = tmp_path / "kept"
+    (kept / "data").mkdir(parents=True)
+    (kept / "data" / "mine.txt").write_text("a user's file")
+    with pytest.raises(UserError, match="is not a streamed build's"):
+        streamed(cfg, tiny_tokenizer, kept / "data")
+    assert (kept / "data" / "mine.txt").read_text() == "a user's file"
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(UserError, match="no rows"):

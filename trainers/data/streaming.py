@@ -39,6 +39,7 @@ from trainers.data.render import encode_records
 from trainers.errors import DataError, UserError
 
 COUNTS = ("truncated", "dropped_no_labels")
+MARKER = ".rayft-streamed"  # in every directory a build wrote: only such a directory is replaced
 ROLES = ("train", "eval", "replay")
 
 
@@ -134,6 +135,8 @@ def build_streamed(cfg, tokenizer, out_dir: Path, run_tasks=None):
     the cluster)."""
     from trainers.data.build import Datasets
 
+    if out_dir.exists() and not (out_dir / MARKER).exists():
+        raise UserError(f"{out_dir} exists and is not a streamed build's: move it away (it is never replaced)")
     infos = read_dataset_info(cfg.dataset_info) if cfg.dataset_info else {}
     tasks = [task for role in ROLES for i, src in enumerate(getattr(cfg, role))
              for task in _source_tasks(role, i, src, cfg, infos)]
@@ -147,6 +150,7 @@ def build_streamed(cfg, tokenizer, out_dir: Path, run_tasks=None):
                                               infos=infos, out_dir=str(partial))
         summaries = sorted((json.loads(row["summary"]) for row in results), key=lambda s: s["index"])
         datasets = _assemble(summaries, cfg, Datasets)
+        (partial / MARKER).write_text("tokenised samples of this run; rebuilt by every start\n")
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
