@@ -77,7 +77,9 @@ def engine_config(cfg: ServeConfig, served: ServedModel, use_gpu: bool) -> LLMCo
     else:
         deployment["num_replicas"] = cfg.num_replicas
     config = dict(model_loading_config=dict(model_id=served.model_id, model_source=served.base_dir),
-                  engine_kwargs=engine, deployment_config=deployment)
+                  engine_kwargs=engine, deployment_config=deployment,
+                  # the replica imports it: naming it keeps the private module out of this one
+                  callback_config=dict(callback_class="services.ray_llm_compat:LocalModelCallback"))
     if placement:
         config["placement_group_config"] = placement
     if served.adapters:

@@ -15,6 +15,7 @@ from rollout.stack import SUPPORTED, UnsupportedVersion, require
 
 require("ray")
 
+from ray.llm._internal.common.callbacks.base import CallbackBase  # noqa: E402
 from ray.llm._internal.common.models import global_id_manager  # noqa: E402
 from ray.llm._internal.common.utils.lora_utils import get_lora_id  # noqa: E402
 from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig  # noqa: E402
@@ -27,7 +28,7 @@ from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader  # no
 from ray.serve.llm import LLMServer  # noqa: E402
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress  # noqa: E402
 
-__all__ = ["DEFAULT_ENDPOINTS", "DiskMultiplexConfig", "IngressBase", "LoraModelLoader", "ModelCard", "ModelList",
+__all__ = ["DEFAULT_ENDPOINTS", "DiskMultiplexConfig", "IngressBase", "LocalModelCallback", "LoraModelLoader", "ModelCard", "ModelList",
            "OpenAIHTTPException", "ServerBase", "SetRequestIdMiddleware", "get_lora_id", "global_id_manager",
            "make_fastapi_ingress", "metrics_lifespan", "to_model_metadata"]
 
@@ -82,3 +83,13 @@ class ServerBase(LLMServer):
 
     async def _maybe_resolve_lora_from_multiplex(self) -> None:
         await self.resolve_adapter(super()._maybe_resolve_lora_from_multiplex)
+
+
+class LocalModelCallback(CallbackBase):
+    """Skips Ray Serve LLM's node initialisation, a task per node that "downloads" the
+    model: rayft serves local directories only (checked before deploying), which every
+    node must see, so the task only cost an extra vLLM-importing process per engine start.
+    services.app names it by its path in `LLMConfig.callback_config`."""
+
+    async def on_before_node_init(self) -> None:
+        self.ctx.run_init_node = False

@@ -36,3 +36,19 @@ def test_models_lists_the_bases_and_their_adapters(ingress):
     assert [card.id for card in listed.data] == ["base", "base:a"]
     assert listed.data[1].metadata == {"base_model_id": "base", "adapter": "a"}
     assert list(ingress.engine_handles) == ["base"]
+
+
+def test_engines_skip_the_node_initialisation_task(tmp_path):
+    """An engine config names rayft's callback, and the callback Ray Serve LLM then builds
+    tells the engine start not to run the per-node "download" task (services.app serves
+    local directories only)."""
+    from services.app import engine_config
+    from services.config import ServeConfig
+    from services.models import ServedModel
+
+    served = ServedModel(model_id="base", base_dir=str(tmp_path), adapters={}, max_lora_rank=0)
+    llm_config = engine_config(ServeConfig(), served, use_gpu=False)
+    callback = llm_config.get_or_create_callback()
+    assert callback.ctx.run_init_node
+    asyncio.run(callback.run_callback("on_before_node_init"))
+    assert not callback.ctx.run_init_node
