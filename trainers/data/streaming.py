@@ -207,10 +207,10 @@ def tokenise_piece(row: dict, cfg, tokenizer, infos: dict, out_dir: str) -> dict
         summary["error"] = {"message": str(e)}
     summary |= {"rows": result.rows, "kept": len(kept) + len(held_out), "skipped": result.skipped,
                 "errors": result.errors}
-    if summary["error"] is None:
-        split = {"eval" if task["role"] == "eval" else "train": kept, "eval_held_out": held_out}
-        for name, records in split.items():
-            summary |= _write_part(name, records, tokenizer, cfg, Path(out_dir), task["index"], summary)
+    if summary["error"] is None:  # two parts a piece: its own samples, and those held out for eval
+        for part, records in (("main", kept), ("held_out", held_out)):
+            summary[part] = _write_part(f"{part}-{task['index']:05d}.arrow", records, tokenizer, cfg,
+                                        Path(out_dir), summary, count_tokens=part == "main" and task["role"] != "eval")
     return {"summary": json.dumps(summary)}
 
 
@@ -219,19 +219,18 @@ def _held_out(cfg, source: int, line: int) -> bool:
     return zlib.crc32(key) < cfg.eval_fraction * 2 ** 32
 
 
-def _write_part(name: str, records: list, tokenizer, cfg, out_dir: Path, index: int, summary: dict) -> dict:
+def _write_part(file: str, records: list, tokenizer, cfg, out_dir: Path, counts: dict, count_tokens: bool) -> dict:
+    """`records` encoded into `out_dir / file`; their counts go into `counts`. Returns the
+    part: {file, samples (before packing), rows (in the file)}."""
     import pyarrow as pa
 
-    examples = encode_records(records, tokenizer, cfg, summary)
-    side = "eval" if name.startswith("eval") else "train"
-    counts = {f"{side}_samples_{name}": len(examples)}
-    if side == "train":
-        counts |= {"train_tokens": sum(len(e.input_ids) for e in examples),
-                   "trained_tokens": sum(sum(label != IGNORE_INDEX for label in e.labels) for e in examples)}
+    examples = encode_records(records, tokenizer, cfg, counts)
+    samples = len(examples)
+    if count_tokens:
+        counts["train_tokens"] = sum(len(e.input_ids) for e in examples)
+        counts["trained_tokens"] = sum(sum(label != IGNORE_INDEX for label in e.labels) for e in examples)
     if cfg.packing:
         examples = pack(examples, cfg.max_length)
-    file = f"{name}-{index:05d}.arrow"
-    counts[f"part_{name}"] = [file, len(examples)]
     if examples:
         ints = pa.list_(pa.int32())
         batch = pa.record_batch({
@@ -242,7 +241,7 @@ def _write_part(name: str, records: list, tokenizer, cfg, out_dir: Path, index: 
             "truncated": pa.array([e.truncated for e in examples], pa.bool_())})
         with pa.OSFile(str(out_dir / file), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
             writer.write_batch(batch)
-    return counts
+    return {"file": file, "samples": samples, "rows": len(examples)}
 
 
 def _assemble(summaries: list[dict], cfg, datasets_class):
@@ -268,8 +267,8 @@ def _assemble(summaries: list[dict], cfg, datasets_class):
         stats["sources" if role == "train" else f"{role}_sources"].append(
             {"path": pieces[0]["path"], "format": pieces[0]["format"], "rows": kept,
              "skipped": sum(p["skipped"] for p in pieces), "errors": errors})
-        parts = [tuple(p[f"part_{role if role == 'eval' else 'train'}"]) for p in pieces]
-        eval_parts += [tuple(p["part_eval_held_out"]) for p in pieces if role == "train"]
+        parts = [(p["main"]["file"], p["main"]["rows"]) for p in pieces]
+        eval_parts += [(p["held_out"]["file"], p["held_out"]["rows"]) for p in pieces]
         if role == "eval":
             eval_parts += parts
             continue
@@ -286,8 +285,9 @@ def _assemble(summaries: list[dict], cfg, datasets_class):
     mixing = Mixing(tuple(groups["train"]), tuple(groups["replay"]), cfg.replay_ratio, cfg.seed)
     train, evals = ArrowExamples("", _nonempty(train_parts), mixing), ArrowExamples("", _nonempty(eval_parts))
     stats |= {key: sum(s.get(key, 0) for s in summaries) for key in (*COUNTS, "train_tokens", "trained_tokens")}
-    stats |= {"train_samples": sum(s.get("train_samples_train", 0) for s in summaries),
-              "eval_samples": sum(s.get(f"eval_samples_{name}", 0) for s in summaries for name in ("eval", "eval_held_out")),
+    stats |= {"train_samples": sum(s["main"]["samples"] for s in summaries if s["role"] != "eval"),
+              "eval_samples": sum(s["held_out"]["samples"] + (s["main"]["samples"] if s["role"] == "eval" else 0)
+                                  for s in summaries),
               "train_sequences": len(train), "eval_sequences": len(evals), "streamed_pieces": len(summaries)}
     return datasets_class(train, evals, stats)
 
